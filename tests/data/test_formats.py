@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from bpr_core import rle
+from bpr_core.formats import (
+    INSTANCE_SCHEMA,
+    InputError,
+    load_image_index,
+    read_instances,
+    read_results_json,
+    row_to_result,
+    write_instances_parquet,
+    write_results_json,
+)
+
+
+def test_results_json_parquet_json_roundtrip_is_lossless(synthetic_small, tmp_path):
+    src = synthetic_small / "coarse.json"
+    rows = read_results_json(src)
+    assert len(rows) == len(json.loads(src.read_text()))
+    pq_path = tmp_path / "inst.parquet"
+    write_instances_parquet(rows, pq_path)
+    assert pq.read_schema(pq_path).equals(INSTANCE_SCHEMA)
+    back = read_instances(pq_path)
+    out = tmp_path / "back.json"
+    assert write_results_json(back, out) == len(rows)
+    original = json.loads(src.read_text())
+    again = json.loads(out.read_text())
+    assert len(again) == len(original)
+    for i, (a, b) in enumerate(zip(original, again)):
+        assert a["segmentation"] == b["segmentation"]  # RLE equal, string for string
+        assert (a["image_id"], a["category_id"], a["score"]) == (b["image_id"], b["category_id"], b["score"])
+        assert b["instance_id"] == i
+
+
+def test_polygon_results_need_and_use_the_index(tmp_path):
+    dets = [{"image_id": 7, "category_id": 1, "score": 0.9, "segmentation": [[2, 2, 10, 2, 10, 8, 2, 8]]}]
+    p = tmp_path / "res.json"
+    p.write_text(json.dumps(dets))
+    with pytest.raises(InputError, match="image_id 7"):
+        read_results_json(p)
+    idx = tmp_path / "index.json"
+    idx.write_text(json.dumps({"images": [{"id": 7, "file_name": "a.png", "height": 12, "width": 16}]}))
+    rows = read_results_json(p, load_image_index(idx))
+    m = rle.decode(row_to_result(rows[0])["segmentation"])
+    assert m.shape == (12, 16) and m[5, 5] and not m[0, 0]
+
+
+def test_image_index_formats_and_missing_index_message(tmp_path):
+    csv_path = tmp_path / "index.csv"
+    csv_path.write_text("image_id,path\n1,a.png\n2,sub/b.jpg\n")
+    idx = load_image_index(csv_path)
+    assert idx[2].file_name == "sub/b.jpg" and idx[1].height is None
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"image_id": [3], "path": ["c.png"], "height": [5], "width": [6]}), tmp_path / "i.parquet")
+    assert load_image_index(tmp_path / "i.parquet")[3].width == 6
+    with pytest.raises(InputError, match="image_id,path"):
+        load_image_index(None)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(InputError, match="no 'images' list"):
+        load_image_index(bad)
+
+
+def test_malformed_results_name_the_file_and_entry(tmp_path):
+    p = tmp_path / "res.json"
+    p.write_text("[{\"image_id\": 1")
+    with pytest.raises(InputError, match="res.json is not valid JSON"):
+        read_results_json(p)
+    p.write_text(json.dumps([{"image_id": 1, "category_id": 1, "score": 1, "segmentation": {"size": [2, 2], "counts": [1, 2]}}]))
+    with pytest.raises(InputError, match=r"entry 0.*invalid segmentation"):
+        read_results_json(p)
