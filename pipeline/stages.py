@@ -1,0 +1,177 @@
+"""The Ray Data stages of the refinement pipeline, each a thin wrapper around bpr_core.
+
+    instance rows --ExtractPatches (CPU actors)--> patch rows --RefinePatches (GPU/CPU actors)-->
+    probability rows --groupby(image_id, instance_id) + reassemble--> one refined row per instance
+
+Every instance yields at least one row through the flow: instances without patches (empty, too
+small, no boundary, unreadable image, bad RLE) travel as a single row with has_patch=False and come
+out of reassembly passed through or quarantined, with the reason. Only what pasting needs (coarse
+RLE, boxes, uint8 probabilities) goes through the shuffle, never images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import cv2
+import numpy as np
+
+from bpr_core import BPRConfig, crop_patches, paste_patches, propose_patches
+from bpr_core import rle as rle_utils
+from bpr_core.refiner import make_patch_refiner
+
+from .storage import read_bytes, resolve
+
+log = logging.getLogger(__name__)
+
+# Columns carried by every row from extraction to reassembly.
+META = ("image_id", "instance_id", "category_id", "score", "rle_counts", "rle_h", "rle_w", "source_file")
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """Encoded image bytes -> HxWx3 uint8 RGB (grey, RGBA, palette and 16-bit are converted)."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise ValueError(f"cannot decode image {where}")
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+class ExtractPatches:
+    """Instance rows (with file_name) -> patch rows. One image read per image in the batch."""
+
+    def __init__(self, images_uri: str, config: dict):
+        self.root = resolve(images_uri)
+        self.cfg = BPRConfig.from_dict(config)
+        cv2.setNumThreads(1)
+
+    def __call__(self, batch: dict) -> dict:
+        cfg = self.cfg
+        s = cfg.crop_size
+        n = len(batch["image_id"])
+        out: dict[str, list] = {k: [] for k in META + ("status", "reason", "has_patch", "box", "img", "msk")}
+        zero_img, zero_msk = np.zeros((s, s, 3), np.uint8), np.zeros((s, s), np.uint8)
+
+        def emit(i, status, reason, boxes=None, img_p=None, msk_p=None):
+            k = 1 if boxes is None else len(boxes)
+            for key in META:
+                out[key].extend([batch[key][i]] * k)
+            out["status"].extend([status] * k)
+            out["reason"].extend([reason] * k)
+            out["has_patch"].extend([boxes is not None] * k)
+            if boxes is None:
+                out["box"].append(np.zeros(4, np.int32))
+                out["img"].append(zero_img)
+                out["msk"].append(zero_msk)
+            else:
+                out["box"].extend(boxes.astype(np.int32))
+                out["img"].extend(img_p)
+                out["msk"].extend(msk_p)
+
+        order = np.argsort(batch["image_id"], kind="stable")
+        image, image_key, image_err = None, None, None
+        for i in order:
+            key = (batch["image_id"][i], batch["file_name"][i])
+            if key != image_key:
+                image_key, image, image_err = key, None, None
+                where = self.root.join(str(key[1])).uri
+                try:
+                    image = decode_image(read_bytes(self.root.join(str(key[1]))), where)
+                except Exception as e:  # missing, unreadable or corrupt: quarantine its instances
+                    image_err = f"image {where} unreadable: {e.__class__.__name__}: {str(e)[:200]}"
+            if image_err is not None:
+                emit(i, "quarantined", image_err)
+                continue
+            h, w = int(batch["rle_h"][i]), int(batch["rle_w"][i])
+            if image.shape[:2] != (h, w):
+                emit(i, "quarantined", f"image {batch['file_name'][i]} is {image.shape[0]}x{image.shape[1]} but the mask RLE is {h}x{w}")
+                continue
+            try:
+                mask = rle_utils.decode({"size": [h, w], "counts": batch["rle_counts"][i]})
+            except Exception as e:
+                emit(i, "quarantined", f"invalid RLE for image_id {batch['image_id'][i]} instance {batch['instance_id'][i]}: {e}")
+                continue
+            area = int(mask.sum())
+            if area == 0:
+                emit(i, "passed_through", "empty")
+                continue
+            if area < cfg.min_area:
+                emit(i, "passed_through", "too_small")
+                continue
+            boxes = propose_patches(mask, cfg)
+            if len(boxes) == 0:
+                emit(i, "passed_through", "no_boundary")
+                continue
+            emit(i, "refined", "", boxes, crop_patches(image, boxes, cfg), crop_patches(mask.view(np.uint8), boxes, cfg))
+        if not out["box"]:
+            return _empty_patch_batch(s)
+        result = {k: np.asarray(v) for k, v in out.items() if k not in ("box", "img", "msk")}
+        result["box"] = np.stack(out["box"])
+        result["img"] = np.stack(out["img"])
+        result["msk"] = np.stack(out["msk"])
+        return result
+
+
+def _empty_patch_batch(s: int) -> dict:
+    d = {k: np.zeros(0, dtype=np.int64) for k in ("image_id", "instance_id", "category_id", "rle_h", "rle_w")}
+    d.update({k: np.zeros(0, dtype=object) for k in ("rle_counts", "source_file", "status", "reason")})
+    d["score"] = np.zeros(0)
+    d["has_patch"] = np.zeros(0, bool)
+    d["box"] = np.zeros((0, 4), np.int32)
+    d["img"] = np.zeros((0, s, s, 3), np.uint8)
+    d["msk"] = np.zeros((0, s, s), np.uint8)
+    return d
+
+
+class RefinePatches:
+    """Patch rows -> probability rows (uint8, 0..255). The model is loaded once per actor."""
+
+    def __init__(self, method: str, checkpoint: str | None, device: str, config: dict, threads: int = 1,
+                 fail_on_batch: int | None = None):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.refiner, self.cfg, _ = make_patch_refiner(method, checkpoint, device, BPRConfig.from_dict(config))
+        self.calls = 0
+        # Fault injection for the reliability tests only: the actor process dies on its k-th batch
+        # (once per run, marked by a file) and Ray must restart it and retry the batch.
+        self.fail_on_batch = fail_on_batch
+
+    def __call__(self, batch: dict) -> dict:
+        self.calls += 1
+        if self.fail_on_batch is not None and self.calls == self.fail_on_batch:
+            marker = os.environ.get("BPR_FAULT_MARKER")
+            if marker and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+        has = np.asarray(batch["has_patch"], dtype=bool)
+        s = self.cfg.crop_size
+        probs = np.zeros((len(has), s, s), np.uint8)
+        if has.any():
+            p = self.refiner.predict(batch["img"][has], batch["msk"][has])
+            probs[has] = np.clip(np.rint(p * 255.0), 0, 255).astype(np.uint8)
+        out = {k: v for k, v in batch.items() if k not in ("img", "msk")}
+        out["prob"] = probs
+        return out
+
+
+def reassemble_instance(group: dict, config: dict, model_name: str, model_version: str, config_hash: str) -> dict:
+    """All probability rows of one instance -> its one output row (refined or passed through)."""
+    cfg = BPRConfig.from_dict(config)
+    first = {k: group[k][0] for k in META}
+    status, reason = str(group["status"][0]), str(group["reason"][0])
+    h, w = int(first["rle_h"]), int(first["rle_w"])
+    coarse_rle = {"size": [h, w], "counts": first["rle_counts"]}
+    has = np.asarray(group["has_patch"], dtype=bool)
+    counts, coarse_area, refined_area, npatch = first["rle_counts"], -1, -1, int(has.sum())
+    if status != "quarantined":
+        coarse = rle_utils.decode(coarse_rle)
+        coarse_area = refined_area = int(coarse.sum())
+        if npatch:
+            refined = paste_patches(coarse, group["box"][has], group["prob"][has], cfg)
+            counts = rle_utils.encode(refined)["counts"]
+            refined_area = int(refined.sum())
+    row = {**first, "rle_counts": counts, "status": status, "reason": reason, "coarse_area": coarse_area,
+           "refined_area": refined_area, "num_patches": npatch, "model_name": model_name,
+           "model_version": model_version, "config_hash": config_hash}
+    return {k: np.asarray([v]) for k, v in row.items()}

@@ -1,0 +1,80 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bpr_core.synthetic import write_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One private local Ray for the whole test session (ray.init costs seconds)."""
+    import ray
+
+    from pipeline.runtime import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth30(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth30")
+    write_dataset(out, 30, seed=21)
+    return out
+
+
+def run_refine_subprocess(args: list[str], env_extra: dict | None = None, timeout: float = 300, wait: bool = True):
+    """Run `python -m jobs.refine` as a user would, with its own private Ray in its own temp dir."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "jobs.refine", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    if not wait:
+        return proc
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc, env.get("BPR_RAY_TEMP_DIR"))
+        raise
+    return proc.returncode, out
+
+
+def kill_tree(proc, temp_dir: str | None = None) -> None:
+    """Stop what this test started: the driver's process group, and any process of the Ray it
+    started in its own temp dir (found by that dir in the command line), by pid."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    if not temp_dir:
+        return
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        pids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if temp_dir.encode() in (d / "cmdline").read_bytes():
+                        pids.append(int(d.name))
+                except OSError:
+                    pass
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)

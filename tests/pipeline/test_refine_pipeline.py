@@ -1,0 +1,110 @@
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from bpr_core import BPRConfig
+from bpr_core.synthetic import write_dataset
+from pipeline.refine_job import RefineOptions, run
+
+from .conftest import kill_tree, run_refine_subprocess
+
+
+def _opts(data: Path, out: Path, **kw) -> RefineOptions:
+    return RefineOptions(images=str(data / "images"), coarse=str(data / "coarse.json"),
+                         image_info=str(data / "annotations.json"), out=str(out), **kw)
+
+
+def _segs(path: Path) -> list:
+    return [(d["image_id"], d["segmentation"]) for d in json.loads(path.read_text())]
+
+
+def test_identity_refiner_returns_coarse_input_bit_for_bit_on_200_images(ray_session, tmp_path):
+    data = tmp_path / "data"
+    write_dataset(data, 200, seed=8, min_size=128, max_size=224)
+    m = run(_opts(data, tmp_path / "out", method="identity", shard_size=100))
+    coarse = json.loads((data / "coarse.json").read_text())
+    refined = json.loads((tmp_path / "out" / "refined.json").read_text())
+    assert m["invariant"]["ok"] and m["counts"]["input"] == len(coarse) == len(refined)
+    assert m["counts"]["refined"] > 0.9 * len(coarse)
+    # every instance, bit for bit, in input order (instance_id = position in the input file)
+    assert [r["instance_id"] for r in refined] == list(range(len(coarse)))
+    for c, r in zip(coarse, refined):
+        assert r["segmentation"] == c["segmentation"] and r["image_id"] == c["image_id"] and r["score"] == c["score"]
+    # overlapping instances were present
+    assert len({c["image_id"] for c in coarse}) == 200
+    parts = pq.read_table(tmp_path / "out" / "parts")
+    assert parts.num_rows == len(coarse) and set(parts.column("status").to_pylist()) <= {"refined", "passed_through"}
+    assert (parts.column("coarse_area").to_numpy() == parts.column("refined_area").to_numpy()).all()
+
+
+def test_rerun_does_no_work_and_new_detections_refine_only_the_new_shard(ray_session, tmp_path, synth30):
+    data = tmp_path / "data"
+    shutil.copytree(synth30, data)
+    out = tmp_path / "out"
+    first = run(_opts(data, out, method="guided-filter", shard_size=10))
+    assert first["timings"]["shards_run"] == 3 and first["invariant"]["ok"]
+    before = (out / "refined.json").read_bytes()
+    again = run(_opts(data, out, method="guided-filter", shard_size=10))
+    assert again["timings"]["shards_run"] == 0 and again["timings"]["shards_skipped"] == 3
+    assert (out / "refined.json").read_bytes() == before
+    # new detector outputs land: 5 more images (ids 31-35) and their detections
+    extra = tmp_path / "extra"
+    write_dataset(extra, 35, seed=21)  # same seed: images 1-30 identical, 31-35 new
+    gt, coarse = (json.loads((extra / f).read_text()) for f in ("annotations.json", "coarse.json"))
+    for im in gt["images"][30:]:
+        shutil.copy(extra / "images" / im["file_name"], data / "images" / im["file_name"])
+    (data / "annotations.json").write_text(json.dumps(gt))
+    (data / "coarse.json").write_text(json.dumps(coarse))
+    third = run(_opts(data, out, method="guided-filter", shard_size=10))
+    assert third["timings"]["shards_run"] == 1 and third["timings"]["shards_skipped"] == 3
+    assert third["counts"]["input"] == len(coarse) and third["invariant"]["ok"]
+    assert (out / "refined.json").read_bytes().startswith(before[: before.rfind(b"}") + 1])
+
+
+def test_missing_image_is_quarantined_and_the_rest_completes(ray_session, tmp_path, synth30):
+    data = tmp_path / "data"
+    shutil.copytree(synth30, data)
+    os.remove(data / "images" / "000004.png")  # image_id 5
+    m = run(_opts(data, tmp_path / "out", method="identity", shard_size=15))
+    coarse = json.loads((data / "coarse.json").read_text())
+    lost = [c for c in coarse if c["image_id"] == 5]
+    assert lost and m["counts"]["quarantined"] == len(lost) and m["invariant"]["ok"]
+    q = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pylist()
+    assert {r["image_id"] for r in q} == {5} and all("000004.png" in r["reason"] for r in q)
+    assert len(json.loads((tmp_path / "out" / "refined.json").read_text())) == len(coarse) - len(lost)
+
+
+def test_killed_run_resumes_to_the_same_output_without_duplicates(tmp_path, synth30):
+    common = ["--images", str(synth30 / "images"), "--coarse", str(synth30 / "coarse.json"),
+              "--image-info", str(synth30 / "annotations.json"), "--refiner", "guided-filter", "--shard-size", "5",
+              "--num-cpus", "2"]
+    ref_out, out = tmp_path / "undisturbed", tmp_path / "killed"
+    temp = f"/tmp/bprt-{os.getpid()}-{int(time.time())}"
+    rc, log = run_refine_subprocess(common + ["--out", str(ref_out)], {"BPR_RAY_TEMP_DIR": temp + "a"})
+    assert rc == 0, log
+    proc = run_refine_subprocess(common + ["--out", str(out)], {"BPR_RAY_TEMP_DIR": temp + "b"}, wait=False)
+    try:
+        deadline = time.time() + 240
+        while not (out / "_commits" / "shard-00001.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        kill_tree(proc, temp + "b")
+    commits = sorted(p.name for p in (out / "_commits").iterdir())
+    assert 2 <= len(commits) < 6 and not (out / "manifest.json").exists()
+    rc, log = run_refine_subprocess(common + ["--out", str(out)], {"BPR_RAY_TEMP_DIR": temp + "c"})
+    assert rc == 0, log
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["timings"]["shards_skipped"] == len(commits) and manifest["invariant"]["ok"]
+    assert (out / "refined.json").read_bytes() == (ref_out / "refined.json").read_bytes()
+    ids = [(d["image_id"], d["instance_id"]) for d in json.loads((out / "refined.json").read_text())]
+    assert len(ids) == len(set(ids))
+    shutil.rmtree(temp + "a", ignore_errors=True)
+    shutil.rmtree(temp + "b", ignore_errors=True)
+    shutil.rmtree(temp + "c", ignore_errors=True)
