@@ -180,7 +180,8 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def coarse_detections(rng: np.random.Generator, gt_masks: list[tuple[int, np.ndarray]], height: int, width: int,
-                      params: Degradation = Degradation(), miss_rate: float = 0.05, fp_rate: float = 0.3):
+                      params: Degradation = Degradation(), miss_rate: float = 0.05, fp_rate: float = 0.3,
+                      categories: tuple[int, ...] = (1, 2, 3)):
     """Detector-like results for one image: [(category_id, coarse mask, score, gt index or -1)].
 
     Misses drop an instance with probability `miss_rate`; a false positive is added with
@@ -198,7 +199,7 @@ def coarse_detections(rng: np.random.Generator, gt_masks: list[tuple[int, np.nda
     if rng.random() < fp_rate:
         fp = random_false_positive(rng, height, width)
         if fp.any():
-            out.append((int(rng.integers(1, 4)), fp, round(float(rng.uniform(0.05, 0.5)), 4), -1))
+            out.append((int(categories[int(rng.integers(0, len(categories)))]), fp, round(float(rng.uniform(0.05, 0.5)), 4), -1))
     return out
 
 

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("the embedded demo writes locally; give --out a local path")
         args.images, args.coarse, args.image_info = ensure_demo_data(args.out)
         args.out = str(Path(args.out) / "refined")
-    from pipeline.refine_job import RefineOptions, run
+    from pipeline.refine_job import RefineOptions, check_inputs, run
     from pipeline.runtime import init_ray
 
     cfg = BPRConfig(patch_size=args.patch_size, nms_iou=args.nms_iou, context_pad=args.context_pad, min_area=args.min_area)
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                          refine_cpus=args.refine_cpus, device=args.device,
                          reassemble_partitions=args.reassemble_partitions,
                          fail_on_batch=int(os.environ["BPR_FAIL_ON_BATCH"]) if os.environ.get("BPR_FAIL_ON_BATCH") else None)
+    check_inputs(opts)
     init_ray(args.address, args.num_cpus)
     manifest = run(opts)
     stats = manifest.pop("_stats", "")

@@ -85,14 +85,20 @@ def _local_copy(loc: storage.Location) -> str:
     return tmp
 
 
+def check_inputs(opts: RefineOptions) -> None:
+    """Fail fast, before Ray starts or any work is done, on missing or unreadable inputs."""
+    storage.check_readable(opts.image_info, "image index")
+    storage.check_readable(opts.coarse, "coarse results")
+    storage.check_readable(opts.images, "images")
+
+
 def prepare_shards(opts: RefineOptions) -> tuple[list[list[dict]], list[dict], int]:
     """Read the index and the instances, validate, and split into shards of `shard_size` images.
 
     Returns (shards of instance rows, quarantined rows, number of input instances).
     """
-    index_loc = storage.check_readable(opts.image_info, "image index")
-    coarse_loc = storage.check_readable(opts.coarse, "coarse results")
-    storage.check_readable(opts.images, "images")
+    check_inputs(opts)
+    index_loc, coarse_loc = storage.resolve(opts.image_info), storage.resolve(opts.coarse)
     index = load_image_index(_local_copy(index_loc))
     source = coarse_loc.uri
     if coarse_loc.path.lower().endswith(".json"):

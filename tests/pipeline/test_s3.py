@@ -1,0 +1,73 @@
+"""The same job against a real S3 endpoint: moto's standalone server on 127.0.0.1, spoken to over
+HTTP by boto3 (test set-up) and pyarrow (the job)."""
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.refine_job import RefineOptions, run
+
+from .conftest import run_refine_subprocess
+
+SECRET = "bprTestSecretKey0123456789"
+
+
+@pytest.fixture()
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bprtestkey",
+           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    yield env
+    server.stop()
+
+
+def _client(env):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_REGION"])
+
+
+def test_s3_run_matches_local_run(ray_session, tmp_path, synth30, s3_server):
+    s3 = _client(s3_server)
+    s3.create_bucket(Bucket="bpr-test")
+    for p in sorted(synth30.rglob("*")):
+        if p.is_file():
+            s3.upload_file(str(p), "bpr-test", f"in/{p.relative_to(synth30).as_posix()}")
+    local = run(RefineOptions(images=str(synth30 / "images"), coarse=str(synth30 / "coarse.json"),
+                              image_info=str(synth30 / "annotations.json"), out=str(tmp_path / "local"),
+                              method="guided-filter", shard_size=15))
+    assert local["invariant"]["ok"]
+    rc, log = run_refine_subprocess(
+        ["--images", "s3://bpr-test/in/images", "--coarse", "s3://bpr-test/in/coarse.json",
+         "--image-info", "s3://bpr-test/in/annotations.json", "--out", "s3://bpr-test/out",
+         "--refiner", "guided-filter", "--shard-size", "15", "--num-cpus", "2"],
+        {**s3_server, "BPR_RAY_TEMP_DIR": f"/tmp/bprt-s3-{os.getpid()}-{int(time.time())}"})
+    assert rc == 0, log
+    remote = json.loads(s3.get_object(Bucket="bpr-test", Key="out/refined.json")["Body"].read())
+    mine = json.loads((tmp_path / "local" / "refined.json").read_text())
+    assert len(remote) == len(mine) > 0
+    assert [(r["image_id"], r["instance_id"], r["segmentation"]) for r in remote] == \
+           [(r["image_id"], r["instance_id"], r["segmentation"]) for r in mine]
+    manifest = s3.get_object(Bucket="bpr-test", Key="out/manifest.json")["Body"].read().decode()
+    assert json.loads(manifest)["invariant"]["ok"]
+    # no credential in the log or the outputs
+    assert SECRET not in log and SECRET not in manifest and "bprtestkey" not in manifest
+
+
+def test_missing_bucket_fails_fast_with_one_message(s3_server, tmp_path):
+    rc, log = run_refine_subprocess(
+        ["--images", "s3://no-such-bucket/images", "--coarse", "s3://no-such-bucket/coarse.json",
+         "--image-info", "s3://no-such-bucket/index.json", "--out", str(tmp_path / "o")], s3_server, timeout=120)
+    assert rc == 2
+    assert "error:" in log and "no-such-bucket" in log and "Traceback" not in log
+    assert SECRET not in log
