@@ -95,28 +95,33 @@ def boundary_map(m: torch.Tensor) -> torch.Tensor:
 class PatchMetrics:
     """Sums over patches: IoU (refined and coarse vs GT) and boundary precision/recall counts."""
 
-    KEYS = ("inter", "union", "c_inter", "c_union", "bp_hit", "bp_all", "br_hit", "br_all", "loss_sum", "n")
+    KEYS = ("inter", "union", "c_inter", "c_union", "bp_hit", "bp_all", "br_hit", "br_all",
+            "cbp_hit", "cbp_all", "cbr_hit", "cbr_all", "loss_sum", "n")
 
     def __init__(self, device="cpu"):
         self.t = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
 
     def update(self, pred: torch.Tensor, coarse: torch.Tensor, gt: torch.Tensor, loss_sum: float = 0.0) -> None:
         p, c, g = pred.bool(), coarse.bool(), gt.bool()
-        pb, gb = boundary_map(p), boundary_map(g)
-        gb_d = F.max_pool2d(gb.float(), 3, stride=1, padding=1) > 0
-        pb_d = F.max_pool2d(pb.float(), 3, stride=1, padding=1) > 0
+        pb, cb, gb = boundary_map(p), boundary_map(c), boundary_map(g)
+        dil = lambda b: F.max_pool2d(b.float(), 3, stride=1, padding=1) > 0  # noqa: E731  1 px tolerance
+        gb_d, pb_d, cb_d = dil(gb), dil(pb), dil(cb)
         vals = [(p & g).sum(), (p | g).sum(), (c & g).sum(), (c | g).sum(), (pb & gb_d).sum(), pb.sum(),
-                (gb & pb_d).sum(), gb.sum(), loss_sum, p.shape[0]]
+                (gb & pb_d).sum(), gb.sum(), (cb & gb_d).sum(), cb.sum(), (gb & cb_d).sum(), gb.sum(),
+                loss_sum, p.shape[0]]
         self.t += torch.tensor([float(v) for v in vals], dtype=torch.float64, device=self.t.device)
 
     def result(self) -> dict:
         d = dict(zip(self.KEYS, self.t.tolist()))
-        prec = d["bp_hit"] / max(d["bp_all"], 1)
-        rec = d["br_hit"] / max(d["br_all"], 1)
+        def f_score(hit_p, all_p, hit_r, all_r):
+            prec, rec = d[hit_p] / max(d[all_p], 1), d[hit_r] / max(d[all_r], 1)
+            return 2 * prec * rec / max(prec + rec, 1e-12)
+
         return {
             "patch_iou": d["inter"] / max(d["union"], 1),
             "coarse_patch_iou": d["c_inter"] / max(d["c_union"], 1),
-            "boundary_f": 2 * prec * rec / max(prec + rec, 1e-12),
+            "boundary_f": f_score("bp_hit", "bp_all", "br_hit", "br_all"),
+            "coarse_boundary_f": f_score("cbp_hit", "cbp_all", "cbr_hit", "cbr_all"),
             "loss": d["loss_sum"] / max(d["n"], 1),
             "patches": int(d["n"]),
         }

@@ -158,7 +158,8 @@ def train_loop_per_worker(config: dict) -> None:
                         checkpoint = ray.train.Checkpoint.from_directory(d)
                         print(f"step {step}/{opts['iters']} lr {lr:.5f} train_loss {running:.4f} val_loss {metrics['loss']:.4f} "
                               f"patch_iou {metrics['patch_iou']:.4f} (coarse {metrics['coarse_patch_iou']:.4f}) "
-                              f"boundary_f {metrics['boundary_f']:.4f} {metrics['patches_per_s']:.0f} patches/s", flush=True)
+                              f"boundary_f {metrics['boundary_f']:.4f} (coarse {metrics['coarse_boundary_f']:.4f}) "
+                              f"{metrics['patches_per_s']:.0f} patches/s", flush=True)
                     ray.train.report(metrics, checkpoint=checkpoint)
                 t0, seen = time.time(), 0
                 if stop_at and step >= stop_at:
@@ -210,7 +211,8 @@ def export(best_dir: storage.Location, out: storage.Location, opts: TrainOptions
         "train_data": ", ".join(opts.data), "val_data": ", ".join(opts.val),
         "train_patches": n_train, "val_patches": n_val,
         "val_patch_iou": round(metrics["patch_iou"], 4), "val_coarse_patch_iou": round(metrics["coarse_patch_iou"], 4),
-        "val_boundary_f": round(metrics["boundary_f"], 4), "val_loss": round(metrics["loss"], 4),
+        "val_boundary_f": round(metrics["boundary_f"], 4), "val_coarse_boundary_f": round(metrics["coarse_boundary_f"], 4),
+        "val_loss": round(metrics["loss"], 4),
         "command": opts.command,
     }
     import io
