@@ -58,13 +58,18 @@ def kill_tree(proc, temp_dir: str | None = None) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-    if not temp_dir:
-        return
+    if temp_dir:
+        kill_temp_dir_processes(temp_dir)
+
+
+def kill_temp_dir_processes(temp_dir: str) -> None:
+    """SIGKILL every process whose command line names `temp_dir` (a Ray this test started)."""
+    assert temp_dir.startswith("/tmp/bprt-"), temp_dir
     deadline = time.time() + 10
     while time.time() < deadline:
         pids = []
         for d in Path("/proc").iterdir():
-            if d.name.isdigit():
+            if d.name.isdigit() and int(d.name) != os.getpid():
                 try:
                     if temp_dir.encode() in (d / "cmdline").read_bytes():
                         pids.append(int(d.name))
