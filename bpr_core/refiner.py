@@ -133,12 +133,13 @@ class NetworkPatchRefiner:
 # --- checkpoints -----------------------------------------------------------------------------
 
 
-def save_checkpoint(path: str | Path, model: RefineNet, config: BPRConfig, model_card: dict | None = None) -> None:
-    """Plain tensors + plain Python values only, so `torch.load(weights_only=True)` reads it."""
+def save_checkpoint(path, model: RefineNet, config: BPRConfig, model_card: dict | None = None) -> None:
+    """Plain tensors + plain Python values only, so `torch.load(weights_only=True)` reads it.
+    `path` is a file path or a binary file object."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(
         {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "state_dict": state, "model_card": model_card or {}},
-        str(path),
+        path if hasattr(path, "write") else str(path),
     )
 
 

@@ -30,12 +30,13 @@ from ._cli import run_main
 DEMO_IMAGES, DEMO_SEED = 24, 2024
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m jobs.refine", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "python -m jobs.refine", doc: str = __doc__, coarse: bool = True) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                 epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     io_ = ap.add_argument_group("inputs and outputs")
     io_.add_argument("--images", help="root of the image files (local or s3://)")
-    io_.add_argument("--coarse", help="coarse instances: COCO results JSON or instance Parquet")
+    if coarse:
+        io_.add_argument("--coarse", help="coarse instances: COCO results JSON or instance Parquet")
     io_.add_argument("--image-info", help="image index: COCO-style JSON with 'images', or CSV/Parquet image_id,path")
     io_.add_argument("--out", default="demo_out", help="output prefix (local or s3://; default demo_out)")
     m = ap.add_argument_group("model")
@@ -82,6 +83,18 @@ def choose_refiner(args) -> str:
     return "guided-filter"
 
 
+def options_from_args(args):
+    from pipeline.refine_job import RefineOptions
+
+    cfg = BPRConfig(patch_size=args.patch_size, nms_iou=args.nms_iou, context_pad=args.context_pad, min_area=args.min_area)
+    return RefineOptions(images=args.images, coarse=getattr(args, "coarse", None) or "", image_info=args.image_info,
+                         out=args.out, method=choose_refiner(args), checkpoint=args.checkpoint, config=cfg,
+                         shard_size=args.shard_size, batch_size=args.batch_size, refine_actors=args.refine_actors,
+                         extract_actors=args.extract_actors, refine_cpus=args.refine_cpus, device=args.device,
+                         reassemble_partitions=args.reassemble_partitions,
+                         fail_on_batch=int(os.environ["BPR_FAIL_ON_BATCH"]) if os.environ.get("BPR_FAIL_ON_BATCH") else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     given = [args.images, args.coarse, args.image_info]
@@ -92,16 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("the embedded demo writes locally; give --out a local path")
         args.images, args.coarse, args.image_info = ensure_demo_data(args.out)
         args.out = str(Path(args.out) / "refined")
-    from pipeline.refine_job import RefineOptions, check_inputs, run
+    from pipeline.refine_job import check_inputs, run
     from pipeline.runtime import init_ray
 
-    cfg = BPRConfig(patch_size=args.patch_size, nms_iou=args.nms_iou, context_pad=args.context_pad, min_area=args.min_area)
-    opts = RefineOptions(images=args.images, coarse=args.coarse, image_info=args.image_info, out=args.out,
-                         method=choose_refiner(args), checkpoint=args.checkpoint, config=cfg, shard_size=args.shard_size,
-                         batch_size=args.batch_size, refine_actors=args.refine_actors, extract_actors=args.extract_actors,
-                         refine_cpus=args.refine_cpus, device=args.device,
-                         reassemble_partitions=args.reassemble_partitions,
-                         fail_on_batch=int(os.environ["BPR_FAIL_ON_BATCH"]) if os.environ.get("BPR_FAIL_ON_BATCH") else None)
+    opts = options_from_args(args)
     check_inputs(opts)
     init_ray(args.address, args.num_cpus)
     manifest = run(opts)

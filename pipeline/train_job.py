@@ -102,7 +102,10 @@ def train_loop_per_worker(config: dict) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=opts["lr"], momentum=opts["momentum"], weight_decay=opts["weight_decay"])
     step, best = 0, {"patch_iou": -1.0}
     gen = torch.Generator().manual_seed(opts["seed"] * 1000 + rank)
+    # Ray's own restore (a retried worker group) first, else the checkpoint --resume found.
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_from"):
+        ckpt = ray.train.Checkpoint(config["resume_from"])
     if ckpt:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
@@ -234,7 +237,6 @@ def _local_file(loc: storage.Location) -> str:
 
 
 def run(opts: TrainOptions) -> dict:
-    import ray.train
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -246,7 +248,7 @@ def run(opts: TrainOptions) -> dict:
         ckpts = find_checkpoints(run_root)
         if ckpts:
             step, loc, _ = ckpts[-1]
-            resume_from = ray.train.Checkpoint(loc.path, filesystem=loc.fs)
+            resume_from = loc.uri
             print(f"resuming from {loc.uri} (step {step})", file=sys.stderr, flush=True)
         else:
             print(f"--resume: no checkpoint under {run_root.uri}; starting from scratch", file=sys.stderr, flush=True)
@@ -261,7 +263,7 @@ def run(opts: TrainOptions) -> dict:
     loop_opts = {k: v for k, v in asdict(opts).items() if k not in ("config", "data", "val")}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"opts": loop_opts, "bpr": opts.config.to_dict()},
+        train_loop_config={"opts": loop_opts, "bpr": opts.config.to_dict(), "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.use_gpu,
                                      resources_per_worker={"CPU": opts.cpus_per_worker}),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
@@ -269,7 +271,6 @@ def run(opts: TrainOptions) -> dict:
                              storage_filesystem=run_root.fs if run_root.is_s3 else None,
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
         datasets={"train": train_ds, "val": val_ds},
-        resume_from_checkpoint=resume_from,
     )
     trainer.fit()
     ckpts = find_checkpoints(run_root)

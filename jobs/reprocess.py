@@ -1,0 +1,45 @@
+"""Refine the detector outputs under a prefix that the current model/config has not refined yet.
+
+    python -m jobs.reprocess --detections s3://bucket/detections/ --images s3://bucket/images \\
+        --image-info s3://bucket/image_info.json --out s3://bucket/refined/
+
+Every *.json / *.parquet under --detections is one detector output; its results go to
+OUT/<file name>/ (refined.json, parts/, manifest.json, ...). A file already refined with the same
+content, model version and config hash is skipped, so the command is idempotent. A lease object
+(OUT/_lease.json, owner + expiry, renewed between files) keeps two scheduled runs from working at
+once: a run that finds a live lease exits 0 without work; an expired one (crashed run) is taken
+over. Suitable for cron, e.g.:
+
+    */30 * * * * cd /opt/bpr && .venv/bin/python -m jobs.reprocess --detections ... --out ...
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import refine
+from ._cli import run_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = refine.build_parser("python -m jobs.reprocess", __doc__, coarse=False)
+    ap.add_argument("--detections", required=True, help="prefix holding detector outputs (local or s3://)")
+    ap.add_argument("--lease-seconds", type=float, default=3600.0, help="lease length, renewed after each file (default 3600)")
+    args = ap.parse_args(argv)
+    if not args.images or not args.image_info:
+        ap.error("--images and --image-info are required")
+    from pipeline.reprocess import list_detections, reprocess
+    from pipeline.runtime import init_ray
+
+    template = refine.options_from_args(args)
+    list_detections(args.detections)  # fail fast before Ray starts
+    init_ray(args.address, args.num_cpus)
+    result = reprocess(args.detections, template, args.lease_seconds)
+    if not result["skipped_lease"]:
+        print(f"refined {len(result['refined'])} detector output(s): {', '.join(result['refined']) or '-'}; "
+              f"{len(result['up_to_date'])} already up to date", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
