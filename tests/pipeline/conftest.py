@@ -5,31 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from bpr_core.synthetic import write_dataset
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """One private local Ray for the whole test session (ray.init costs seconds)."""
-    import ray
-
-    from pipeline.runtime import init_ray
-
-    os.environ.pop("RAY_ADDRESS", None)
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def synth30(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth30")
-    write_dataset(out, 30, seed=21)
-    return out
 
 
 def run_refine_subprocess(args: list[str], env_extra: dict | None = None, timeout: float = 300, wait: bool = True):
