@@ -162,6 +162,89 @@ def result_to_row(det: dict, instance_id: int, sizes: dict[int, ImageRecord] | N
             "rle_counts": r["counts"], "rle_h": h, "rle_w": w}
 
 
+def iter_json_array(f, what: str, chunk_size: int = 1 << 20) -> Iterator:
+    """Stream the elements of a top-level JSON array from a text file object, one at a time, so a
+    results file of millions of detections is never held whole in memory. A GT-style object with
+    an "annotations" list is not streamable and is parsed whole (such files are small)."""
+    dec = json.JSONDecoder()
+    buf, pos, eof = "", 0, False
+
+    def fill() -> bool:
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        data = f.read(chunk_size)
+        if not data:
+            eof = True
+            return False
+        buf, pos = buf[pos:] + data, 0
+        return True
+
+    def skip_ws():
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not fill():
+                return
+
+    skip_ws()
+    if pos >= len(buf):
+        raise InputError(f"{what} is empty, not a JSON list")
+    if buf[pos] == "{":  # a COCO GT-style dict: small, parse whole
+        rest = buf[pos:] + f.read()
+        try:
+            data = json.loads(rest)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{what} is not valid JSON: {e}") from None
+        if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+            yield from data["annotations"]
+            return
+        raise InputError(f"{what}: expected a JSON list of detections, got {type(data).__name__}")
+    if buf[pos] != "[":
+        raise InputError(f"{what} is not valid JSON: expected '[' at the start")
+    pos += 1
+    first = True
+    while True:
+        skip_ws()
+        if pos >= len(buf):
+            raise InputError(f"{what} is not valid JSON: the list is not closed (truncated file?)")
+        if buf[pos] == "]":
+            return
+        if not first:
+            if buf[pos] != ",":
+                raise InputError(f"{what} is not valid JSON: expected ',' between elements")
+            pos += 1
+            skip_ws()
+        while True:
+            try:
+                obj, end = dec.raw_decode(buf, pos)
+                # an element ending exactly at the buffer's end may be a cut number: read on
+                if end < len(buf) or eof:
+                    break
+            except json.JSONDecodeError as e:
+                if eof:
+                    raise InputError(f"{what} is not valid JSON: {e}") from None
+            if not fill():
+                continue
+        pos, first = end, False
+        yield obj
+
+
+def iter_results_json(path: str | Path, sizes: dict[int, ImageRecord] | None = None) -> Iterator[dict]:
+    """Stream instance rows from a COCO results JSON without loading it whole."""
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"results file not found: {path}") from None
+    with f:
+        try:
+            for i, d in enumerate(iter_json_array(f, f"results file {path}")):
+                yield result_to_row(d, i, sizes, f"{path} [entry {i}]")
+        except UnicodeDecodeError as e:
+            raise InputError(f"results file {path} is not valid JSON: {e}") from None
+
+
 def read_results_json(path: str | Path, sizes: dict[int, ImageRecord] | None = None) -> list[dict]:
     """COCO results JSON (as detectron2/mmdet write it) -> instance rows."""
     data = _read_json(path, "results file")

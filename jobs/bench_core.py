@@ -1,4 +1,5 @@
-"""Micro-benchmark of bpr_core's vectorised steps (proposal, crop, paste) on 1000x1000 masks.
+"""Micro-benchmark of bpr_core's vectorised steps (proposal, crop, paste) on 1000x1000 masks, and
+of the networks' forward pass.
 
     python -m jobs.bench_core [--out bench_core.json] [--repeat 5]
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.bench_core", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_core.json")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the network timing (default 2)")
     args = ap.parse_args(argv)
     cfg = BPRConfig()
     image = np.random.default_rng(1).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
@@ -58,8 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mask':8} {'boundary px':>12} {'patches':>8} {'propose ms':>11} {'crop ms':>8} {'paste ms':>9}")
     for r in rows:
         print(f"{r['mask']:8} {r['boundary_px']:>12} {r['patches']:>8} {r['propose_ms']:>11.1f} {r['crop_ms']:>8.1f} {r['paste_ms']:>9.1f}")
+    import torch
+
+    from bpr_core.model import build_model
+
+    torch.set_num_threads(args.threads)
+    net_rows = []
+    for name, size in (("hrnet_lite", 64), ("hrnet_lite", 128), ("hrnet18s", 128)):
+        net = build_model(name).eval()
+        x, m = torch.randn(32, 3, size, size), torch.ones(32, 1, size, size)
+        with torch.inference_mode():
+            net(x, m)
+            sec = best_of(lambda: net(x, m), args.repeat)
+        net_rows.append({"model": name, "input": size, "batch": 32, "threads": args.threads, "patches_per_s": 32 / sec})
+        print(f"network {name} at {size}: {32 / sec:.0f} patches/s (batch 32, {args.threads} threads)")
     with open(args.out, "w") as f:
-        json.dump({"machine": platform.platform(), "processor": platform.processor(), "results": rows}, f, indent=2)
+        json.dump({"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                   "results": rows, "network": net_rows}, f, indent=2)
     return 0
 
 

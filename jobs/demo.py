@@ -3,9 +3,8 @@
     python -m jobs.demo [--out demo_out]
 
 Runs `jobs.refine` with no inputs (its embedded default: synthetic images with Mask R-CNN-like
-coarse masks, refined with the shipped model, or with the guided-filter baseline while no model is
-shipped; it says which), then `jobs.evaluate` of the coarse and the refined results against the
-ground truth.
+coarse masks, refined on a local Ray with the shipped model), then `jobs.evaluate` of the coarse
+and the refined results against the ground truth.
 """
 
 from __future__ import annotations

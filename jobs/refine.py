@@ -51,6 +51,8 @@ def build_parser(prog: str = "python -m jobs.refine", doc: str = __doc__, coarse
     c.add_argument("--context-pad", type=int, default=d.context_pad, help="context pixels around each patch (default 0)")
     c.add_argument("--min-area", type=int, default=d.min_area, help="pass through instances smaller than this (default 0)")
     r = ap.add_argument_group("execution")
+    r.add_argument("--visualize", type=int, default=0, metavar="N",
+                   help="write N before/after overlay PNGs (coarse red, refined green, patches yellow) to OUT/visualize/")
     r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
     r.add_argument("--shard-size", type=int, default=200, help="images per shard, the unit of resume (default 200)")
     r.add_argument("--batch-size", type=int, default=64, help="patches per network batch (default 64)")
@@ -91,7 +93,7 @@ def options_from_args(args):
                          out=args.out, method=choose_refiner(args), checkpoint=args.checkpoint, config=cfg,
                          shard_size=args.shard_size, batch_size=args.batch_size, refine_actors=args.refine_actors,
                          extract_actors=args.extract_actors, refine_cpus=args.refine_cpus, device=args.device,
-                         reassemble_partitions=args.reassemble_partitions,
+                         reassemble_partitions=args.reassemble_partitions, visualize=args.visualize,
                          fail_on_batch=int(os.environ["BPR_FAIL_ON_BATCH"]) if os.environ.get("BPR_FAIL_ON_BATCH") else None)
 
 

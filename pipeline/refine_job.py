@@ -1,14 +1,15 @@
 """The refinement job: inputs -> shards -> Ray Data flow per shard -> committed parts -> outputs.
 
 Layout under OUT (local path or s3://):
-    _work/shards/shard-NNNNN.parquet   instance rows of one shard (images in id order, N per shard)
     parts/shard-NNNNN/*.parquet        refined rows of a committed shard (every status)
     _commits/shard-NNNNN.json          commit marker: the shard's key; written last
     refined.json                       COCO results JSON (refined + passed-through instances)
     quarantine.parquet                 instances that could not be processed, with the reason
     manifest.json                      inputs, model, config hash, counts, invariant, timings
 
-A shard's key hashes its instance rows, the model identity and the config hash, so re-running the
+Inputs are streamed (a results JSON element by element, Parquet batch by batch) into per-shard
+spill files in a local temporary directory, so the driver never holds the whole input; a shard
+holds N images in image-id order. A shard's key hashes its instance rows, the model identity and the config hash, so re-running the
 same command skips committed shards, and a run over inputs that gained new detector outputs redoes
 only the shards whose content changed. The parts dataset holds every input instance exactly once.
 """
@@ -25,20 +26,14 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bpr_core import BPRConfig
-from bpr_core.formats import (
-    INSTANCE_COLUMNS,
-    REFINED_SCHEMA,
-    InputError,
-    load_image_index,
-    read_results_json,
-    row_to_result,
-)
+from bpr_core.formats import INSTANCE_COLUMNS, REFINED_SCHEMA, InputError, load_image_index, row_to_result
 from bpr_core.refiner import make_patch_refiner
 
 from . import storage
@@ -67,6 +62,7 @@ class RefineOptions:
     reassemble_partitions: int = 1
     device: str = "auto"  # auto: GPU actors when the cluster has GPUs
     fail_on_batch: int | None = None  # fault injection (tests)
+    visualize: int = 0  # write this many before/after overlay PNGs to OUT/visualize/
 
 
 def _progress(msg: str) -> None:
@@ -92,28 +88,88 @@ def check_inputs(opts: RefineOptions) -> None:
     storage.check_readable(opts.images, "images")
 
 
-def prepare_shards(opts: RefineOptions) -> tuple[list[list[dict]], list[dict], int]:
-    """Read the index and the instances, validate, and split into shards of `shard_size` images.
+class ShardSpill:
+    """Instance rows split by shard into JSON-lines files in a local temporary directory.
 
-    Returns (shards of instance rows, quarantined rows, number of input instances).
+    Rows are buffered and appended per shard; at most `buffer_rows` are held at once. Reading a
+    shard loads just that shard, sorted by (image_id, instance_id).
+    """
+
+    def __init__(self, n_shards: int, buffer_rows: int = 50_000):
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="bpr-refine-")
+        self.counts = [0] * n_shards
+        self._buf: dict[int, list[str]] = defaultdict(list)
+        self._buffered, self.buffer_rows = 0, buffer_rows
+
+    def add(self, shard: int, row: dict) -> None:
+        self._buf[shard].append(json.dumps(row))
+        self.counts[shard] += 1
+        self._buffered += 1
+        if self._buffered >= self.buffer_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        for shard, lines in self._buf.items():
+            with open(os.path.join(self.dir, f"{shard}.jsonl"), "a") as f:
+                f.write("\n".join(lines) + "\n")
+        self._buf.clear()
+        self._buffered = 0
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, shard: int) -> list[dict]:
+        path = os.path.join(self.dir, f"{shard}.jsonl")
+        if not self.counts[shard]:
+            return []
+        with open(path) as f:
+            rows = [json.loads(line) for line in f]
+        return sorted(rows, key=lambda r: (r["image_id"], r["instance_id"]))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _iter_instances(coarse_loc: storage.Location, index) -> "Iterator[dict]":
+    from bpr_core.formats import iter_results_json
+
+    if coarse_loc.path.lower().endswith(".json"):
+        yield from iter_results_json(_local_copy(coarse_loc), index)
+        return
+    import pyarrow.dataset as pads
+
+    try:
+        dataset = pads.dataset(coarse_loc.path, filesystem=coarse_loc.fs, format="parquet")
+    except (OSError, pa.ArrowInvalid) as e:
+        raise InputError(f"cannot read instance table {coarse_loc.uri}: {e}") from None
+    missing = set(INSTANCE_COLUMNS) - set(dataset.schema.names)
+    if missing:
+        raise InputError(f"instance table {coarse_loc.uri} lacks columns {sorted(missing)}")
+    for batch in dataset.to_batches(columns=INSTANCE_COLUMNS, batch_size=8192):
+        yield from batch.to_pylist()
+
+
+def prepare_shards(opts: RefineOptions) -> tuple[ShardSpill, list[dict], int]:
+    """Stream the instances, validate them against the index, and spill them by shard.
+
+    Returns (shards, quarantined rows, number of input instances).
     """
     check_inputs(opts)
     index_loc, coarse_loc = storage.resolve(opts.image_info), storage.resolve(opts.coarse)
     index = load_image_index(_local_copy(index_loc))
-    source = coarse_loc.uri
-    if coarse_loc.path.lower().endswith(".json"):
-        rows = read_results_json(_local_copy(coarse_loc), index)
-    else:
-        table = pq.read_table(coarse_loc.path, filesystem=coarse_loc.fs)
-        missing = set(INSTANCE_COLUMNS) - set(table.column_names)
-        if missing:
-            raise InputError(f"instance table {coarse_loc.uri} lacks columns {sorted(missing)}")
-        rows = table.select(INSTANCE_COLUMNS).to_pylist()
     ranks = {image_id: r for r, image_id in enumerate(sorted(index))}
-    shards: dict[int, list[dict]] = defaultdict(list)
-    quarantined, seen = [], set()
-    for row in rows:
-        row["source_file"] = source
+    shards = ShardSpill((len(ranks) + opts.shard_size - 1) // opts.shard_size)
+    quarantined, seen, n_in = [], set(), 0
+    for row in _iter_instances(coarse_loc, index):
+        n_in += 1
+        row["source_file"] = coarse_loc.uri
         key = (row["image_id"], row["instance_id"])
         reason = None
         if row["image_id"] not in ranks:
@@ -127,10 +183,9 @@ def prepare_shards(opts: RefineOptions) -> tuple[list[list[dict]], list[dict], i
             quarantined.append({**row, "status": "quarantined", "reason": reason})
             continue
         row["file_name"] = index[row["image_id"]].file_name
-        shards[ranks[row["image_id"]] // opts.shard_size].append(row)
-    n_shards = (len(ranks) + opts.shard_size - 1) // opts.shard_size
-    ordered = [sorted(shards.get(i, []), key=lambda r: (r["image_id"], r["instance_id"])) for i in range(n_shards)]
-    return ordered, quarantined, len(rows)
+        shards.add(ranks[row["image_id"]] // opts.shard_size, row)
+    shards.flush()
+    return shards, quarantined, n_in
 
 
 def shard_key(rows: list[dict], model_id: str, config_hash: str) -> str:
@@ -187,8 +242,6 @@ def _read_parts(loc: storage.Location) -> pa.Table:
 
 
 def run(opts: RefineOptions) -> dict:
-    import ray
-
     t0 = time.time()
     patch_refiner, cfg, card = make_patch_refiner(opts.method, opts.checkpoint, "cpu", opts.config)
     del patch_refiner
@@ -196,13 +249,21 @@ def run(opts: RefineOptions) -> dict:
     out = storage.resolve(opts.out)
     storage.makedirs(out)
     shards, prep_quarantine, n_in = prepare_shards(opts)
+    try:
+        return _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0)
+    finally:
+        shards.close()
+
+
+def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0) -> dict:
     device, num_gpus = _resources(opts)
     _progress(f"bpr refine: {n_in} instances, {len(shards)} shards of up to {opts.shard_size} images; "
               f"refiner {card.get('name')} ({opts.method}) on {device}; config {cfg.config_hash()}")
 
     timings, stats_text, done, skipped = [], "", 0, 0
     keys = []
-    for i, rows in enumerate(shards):
+    for i in range(len(shards)):
+        rows = shards[i]
         name = f"shard-{i:05d}"
         key = shard_key(rows, model_id, cfg.config_hash())
         keys.append(key)
@@ -227,6 +288,16 @@ def run(opts: RefineOptions) -> dict:
         _progress(f"  {name} ({i + 1}/{len(shards)}): {images} images, {len(rows)} instances, {n_patches} patches "
                   f"in {dt:.1f} s ({images / max(dt, 1e-9):.1f} img/s, {n_patches / max(dt, 1e-9):.0f} patches/s)")
     manifest = assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card)
+    if opts.visualize:
+        from .visualize import write_visualizations
+
+        refined = {}
+        for i in range(len(shards)):
+            t = _read_parts(out.join("parts", f"shard-{i:05d}")).filter(pc.equal(pc.field("status"), "refined"))
+            refined.update({(r["image_id"], r["instance_id"]): r["rle_counts"] for r in t.select(["image_id", "instance_id", "rle_counts"]).to_pylist()})
+            if len({k[0] for k in refined}) >= opts.visualize:
+                break
+        manifest["outputs"]["visualize"] = write_visualizations(opts.visualize, shards, refined, opts.images, out, cfg)
     manifest["timings"] = {"total_seconds": round(time.time() - t0, 3), "shards_run": done, "shards_skipped": skipped,
                            "per_shard": timings}
     manifest["device"] = device
@@ -279,7 +350,7 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
         "method": opts.method,
         "config": cfg.to_dict(),
         "config_hash": cfg.config_hash(),
-        "shards": [{"index": i, "key": k, "instances": len(s)} for i, (s, k) in enumerate(zip(shards, keys))],
+        "shards": [{"index": i, "key": k, "instances": c} for i, (c, k) in enumerate(zip(shards.counts, keys))],
         "counts": dict(counts, input=n_in),
         "invariant": invariant,
         "options": {k: v for k, v in asdict(opts).items() if k in ("shard_size", "batch_size", "refine_actors", "extract_actors", "refine_cpus")},

@@ -74,3 +74,18 @@ def test_malformed_results_name_the_file_and_entry(tmp_path):
     p.write_text(json.dumps([{"image_id": 1, "category_id": 1, "score": 1, "segmentation": {"size": [2, 2], "counts": [1, 2]}}]))
     with pytest.raises(InputError, match=r"entry 0.*invalid segmentation"):
         read_results_json(p)
+
+
+def test_streamed_results_equal_whole_file_parse(synthetic_small, tmp_path):
+    from bpr_core.formats import iter_json_array, iter_results_json
+
+    src = synthetic_small / "coarse.json"
+    assert list(iter_results_json(src)) == read_results_json(src)
+    import io
+
+    text = src.read_text()
+    for chunk in (1, 13, 4096):
+        assert list(iter_json_array(io.StringIO(text), "t", chunk_size=chunk)) == json.loads(text)
+    for bad, msg in (("[{\"a\": 1}", "not closed"), ("[1 2]", "expected ','"), ("", "empty")):
+        with pytest.raises(InputError, match=msg):
+            list(iter_json_array(io.StringIO(bad), "t", chunk_size=2))

@@ -1,0 +1,197 @@
+"""The performance benchmark: the pipeline against its own limit (the bare network) and against an
+official-style disk round trip, plus peak memory at N and 4N images and actor scaling.
+
+Same images, same model, same patch batch size and the same torch threads per refinement actor in
+the bare-model and end-to-end runs; every end-to-end run writes to a fresh output prefix (no
+resume cache). The official-style baseline is written here from the paper/README's description of
+the official tools (split patches to PNG files + per-instance detail files, run the network over
+the files, keep every output in one pickle, merge in a second pass); no code of theirs is used.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from bpr_core import BPRConfig, crop_patches, paste_patches, propose_patches
+from bpr_core import rle as rle_utils
+from bpr_core.formats import load_image_index, read_results_json, row_to_result
+from bpr_core.refiner import make_patch_refiner
+from bpr_core.synthetic import write_dataset
+
+from .procmem import PeakRSS
+from .refine_job import RefineOptions, run
+
+
+def dataset(root: Path, n: int, seed: int = 500) -> Path:
+    d = root / f"synth-{n}-{seed}"
+    if not (d / "coarse.json").exists():
+        write_dataset(d, n, seed=seed)
+    return d
+
+
+def all_patches(d: Path, cfg: BPRConfig) -> tuple[np.ndarray, np.ndarray]:
+    index = load_image_index(d / "annotations.json")
+    rows = read_results_json(d / "coarse.json")
+    imgs, msks = [], []
+    cache = {}
+    for r in rows:
+        if r["image_id"] not in cache:
+            cache = {r["image_id"]: cv2.cvtColor(cv2.imread(str(d / "images" / index[r["image_id"]].file_name)), cv2.COLOR_BGR2RGB)}
+        m = rle_utils.decode({"size": [r["rle_h"], r["rle_w"]], "counts": r["rle_counts"]})
+        boxes = propose_patches(m, cfg)
+        if len(boxes):
+            imgs.append(crop_patches(cache[r["image_id"]], boxes, cfg))
+            msks.append(crop_patches(m.view(np.uint8), boxes, cfg))
+    return np.concatenate(imgs), np.concatenate(msks)
+
+
+def bare_model(d: Path, checkpoint: str | None, batch_size: int, threads: int) -> dict:
+    """The limit: the network alone over pre-made uint8 batches (preprocessing on the device incl.)."""
+    torch.set_num_threads(threads)
+    refiner, cfg, card = make_patch_refiner("network", checkpoint, "cpu")
+    imgs, msks = all_patches(d, cfg)
+    batches = [(imgs[i : i + batch_size], msks[i : i + batch_size]) for i in range(0, len(imgs), batch_size)]
+    refiner.predict(*batches[0])  # warm-up
+    t = time.perf_counter()
+    for b in batches:
+        refiner.predict(*b)
+    sec = time.perf_counter() - t
+    return {"patches": int(len(imgs)), "seconds": round(sec, 3), "patches_per_s": len(imgs) / sec, "model": card.get("name"),
+            "batch_size": batch_size, "threads": threads}
+
+
+def end_to_end(d: Path, out: Path, checkpoint: str | None, batch_size: int, refine_actors: int = 1,
+               refine_cpus: float = 1.0, shard_size: int = 200) -> dict:
+    if out.exists():
+        shutil.rmtree(out)
+    opts = RefineOptions(images=str(d / "images"), coarse=str(d / "coarse.json"), image_info=str(d / "annotations.json"),
+                         out=str(out), method="network", checkpoint=checkpoint, batch_size=batch_size,
+                         refine_actors=refine_actors, refine_cpus=refine_cpus, shard_size=shard_size)
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        m = run(opts)
+        sec = time.perf_counter() - t
+    patches = sum(s["patches"] for s in m["timings"]["per_shard"])
+    images = len(load_image_index(d / "annotations.json"))
+    return {"images": images, "patches": patches, "seconds": round(sec, 3), "patches_per_s": patches / sec,
+            "images_per_s": images / sec, "peak_rss_mb": round(mem.peak / 2**20, 1), "refine_actors": refine_actors,
+            "stage_stats": m.get("_stats", "")}
+
+
+# --- official-style baseline ------------------------------------------------------------------
+
+
+def _split_one(args):
+    i, row, image_path, gt_masks, cfg_dict, root = args
+    cfg = BPRConfig.from_dict(cfg_dict)
+    img = cv2.imread(image_path)  # BGR, as cv2 writes it back
+    m = rle_utils.decode({"size": [row["rle_h"], row["rle_w"]], "counts": row["rle_counts"]})
+    boxes = propose_patches(m, cfg)
+    gt = np.zeros_like(m)
+    best = 0.0
+    for g in gt_masks:  # the official split needs GT even at inference: it writes GT patches too
+        gm = rle_utils.decode(g)
+        u = np.logical_or(gm, m).sum()
+        iou = np.logical_and(gm, m).sum() / u if u else 0
+        if iou > best:
+            best, gt = iou, gm
+    ids = []
+    for k, (ip, mp, gp) in enumerate(zip(crop_patches(img, boxes, cfg), crop_patches(m.view(np.uint8), boxes, cfg),
+                                         crop_patches(gt.astype(np.uint8), boxes, cfg))):
+        pid = i * 100000 + k
+        cv2.imwrite(os.path.join(root, "img", f"{pid}.png"), ip)
+        cv2.imwrite(os.path.join(root, "mask", f"{pid}.png"), mp * 255)
+        cv2.imwrite(os.path.join(root, "gt", f"{pid}.png"), gp * 255)
+        ids.append(pid)
+    with open(os.path.join(root, "detail", f"{i}.txt"), "w") as f:
+        f.write(str({"image_id": row["image_id"], "patches": ids, "boxes": boxes.tolist()}))
+    return len(ids)
+
+
+def official_style(d: Path, work: Path, checkpoint: str | None, batch_size: int, threads: int, procs: int = 2) -> dict:
+    from pycocotools.coco import COCO  # noqa: F401  (the official flow loads GT with it)
+
+    from bpr_core.formats import load_coco_gt
+
+    if work.exists():
+        shutil.rmtree(work)
+    for sub in ("img", "mask", "gt", "detail"):
+        (work / sub).mkdir(parents=True)
+    refiner, cfg, _ = make_patch_refiner("network", checkpoint, "cpu")
+    index = load_image_index(d / "annotations.json")
+    rows = read_results_json(d / "coarse.json")
+    coco = load_coco_gt(d / "annotations.json")
+    t0 = time.perf_counter()
+    jobs = []
+    for i, r in enumerate(rows):
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[r["image_id"]], catIds=[r["category_id"]]))
+        gts = [{"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"]} for a in anns]
+        jobs.append((i, r, str(d / "images" / index[r["image_id"]].file_name), gts, cfg.to_dict(), str(work)))
+    with Pool(procs) as pool:
+        n_patches = sum(pool.map(_split_one, jobs, chunksize=4))
+    t_split = time.perf_counter() - t0
+    # inference over the files, outputs held in one dict and pickled
+    torch.set_num_threads(threads)
+    names = sorted(os.listdir(work / "img"), key=lambda n: int(n[:-4]))
+    outputs = {}
+    for s in range(0, len(names), batch_size):
+        chunk = names[s : s + batch_size]
+        imgs = np.stack([cv2.cvtColor(cv2.imread(str(work / "img" / n)), cv2.COLOR_BGR2RGB) for n in chunk])
+        msks = np.stack([cv2.imread(str(work / "mask" / n), cv2.IMREAD_GRAYSCALE) // 255 for n in chunk])
+        probs = refiner.predict(imgs, msks)
+        for n, p in zip(chunk, probs):
+            outputs[int(n[:-4])] = p
+    with open(work / "outputs.pkl", "wb") as f:
+        pickle.dump(outputs, f)
+    t_infer = time.perf_counter() - t0 - t_split
+    # merge pass
+    with open(work / "outputs.pkl", "rb") as f:
+        outputs = pickle.load(f)  # our own file, written just above
+    merged = []
+    for i, r in enumerate(rows):
+        with open(work / "detail" / f"{i}.txt") as f:
+            detail = ast.literal_eval(f.read())  # the official detail format is a Python literal
+        m = rle_utils.decode({"size": [r["rle_h"], r["rle_w"]], "counts": r["rle_counts"]})
+        if detail["patches"]:
+            probs = np.stack([outputs[p] for p in detail["patches"]])
+            m = paste_patches(m, np.asarray(detail["boxes"]), probs, cfg)
+        merged.append(row_to_result({**r, "rle_counts": rle_utils.encode(m)["counts"]}))
+    (work / "refined.json").write_text(json.dumps(merged))
+    sec = time.perf_counter() - t0
+    return {"patches": n_patches, "seconds": round(sec, 3), "patches_per_s": n_patches / sec,
+            "split_s": round(t_split, 3), "inference_s": round(t_infer, 3), "merge_s": round(sec - t_split - t_infer, 3),
+            "threads": threads, "split_processes": procs}
+
+
+def benchmark(root: Path, n: int, checkpoint: str | None = None, batch_size: int = 64, quick: bool = False) -> dict:
+    from .runtime import init_ray
+
+    init_ray()
+    d, d4 = dataset(root, n), dataset(root, 4 * n, seed=501)
+    res = {"n_images": n, "batch_size": batch_size, "machine": {"cpus": os.cpu_count()}}
+    res["bare_model"] = bare_model(d, checkpoint, batch_size, threads=1)
+    res["end_to_end"] = end_to_end(d, root / "out-e2e", checkpoint, batch_size)
+    res["official_style"] = official_style(d, root / "official", checkpoint, batch_size, threads=2)
+    res["memory_4n"] = end_to_end(d4, root / "out-e2e-4n", checkpoint, batch_size)
+    if not quick:
+        res["end_to_end_2_actors"] = end_to_end(d, root / "out-e2e-2a", checkpoint, batch_size, refine_actors=2, refine_cpus=0.75)
+    e2e, bare, off = res["end_to_end"], res["bare_model"], res["official_style"]
+    res["ratios"] = {
+        "end_to_end_over_bare_model": e2e["patches_per_s"] / bare["patches_per_s"],
+        "ours_over_official_style": off["seconds"] / e2e["seconds"],
+        "peak_rss_4n_over_n": res["memory_4n"]["peak_rss_mb"] / e2e["peak_rss_mb"],
+    }
+    res["targets"] = {"end_to_end_over_bare_model": 0.85, "ours_over_official_style": 5.0, "peak_rss_4n_over_n": 1.2}
+    return res

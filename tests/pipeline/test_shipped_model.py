@@ -1,0 +1,31 @@
+"""The shipped default model: loads safely with its card, and `jobs.refine` with no --checkpoint
+uses it and improves Boundary AP on the demo data."""
+
+import json
+
+from bpr_core import Refiner
+from bpr_core.refiner import DEFAULT_WEIGHTS, load_checkpoint
+from jobs import evaluate, refine
+
+
+def test_shipped_model_loads_with_its_card():
+    assert DEFAULT_WEIGHTS.is_file() and DEFAULT_WEIGHTS.stat().st_size < 20 * 2**20
+    ck = load_checkpoint(DEFAULT_WEIGHTS)
+    card = json.loads((DEFAULT_WEIGHTS.parent / "model_card.json").read_text())
+    assert ck.model_card == card and card["steps"] > 0 and "command" in card
+    r = Refiner()
+    assert r.model_card["name"] == card["name"] and r.config == ck.config
+
+
+def test_refine_without_checkpoint_uses_shipped_model_and_improves_boundary_ap(ray_session, tmp_path, capsys):
+    code = refine.main(["--out", str(tmp_path)])
+    assert code == 0
+    manifest = json.loads((tmp_path / "refined" / "manifest.json").read_text())
+    assert manifest["method"] == "network" and manifest["model"]["name"] == "bpr-default"
+    assert "guided-filter" not in capsys.readouterr().err
+    data = tmp_path / "data"
+    rep = evaluate.evaluate_files(str(data / "annotations.json"),
+                                  [str(data / "coarse.json"), str(tmp_path / "refined" / "refined.json")], ["coarse", "refined"])
+    coarse, refined = rep["results"]["coarse"], rep["results"]["refined"]
+    assert refined["boundary"]["AP"] > coarse["boundary"]["AP"] + 2.0, (coarse["boundary"], refined["boundary"])
+    assert refined["iou_change"]["mean_change"] > 0
