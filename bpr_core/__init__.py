@@ -9,18 +9,21 @@ Pure numpy/torch/OpenCV/pycocotools; never imports ray. Three lines refine one i
 
 from .config import BPRConfig
 from .patches import boundary_points, crop_patches, float_boundary, paste_patches, propose_patches, square_nms
-from .refiner import (
-    GuidedFilterPatchRefiner,
-    IdentityPatchRefiner,
-    InstanceInfo,
-    NetworkPatchRefiner,
-    Refiner,
-    load_checkpoint,
-    make_patch_refiner,
-    save_checkpoint,
-)
 
 __version__ = "0.1.0"
+
+# The torch-backed names load on first use, so code that only proposes, crops and pastes (the
+# pipeline's extraction actors) does not pay for importing torch (~1-2 s per process).
+_LAZY = {"GuidedFilterPatchRefiner", "IdentityPatchRefiner", "InstanceInfo", "NetworkPatchRefiner", "Refiner",
+         "load_checkpoint", "make_patch_refiner", "save_checkpoint"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from . import refiner
+
+        return getattr(refiner, name)
+    raise AttributeError(f"module 'bpr_core' has no attribute {name!r}")
 
 __all__ = [
     "BPRConfig", "Refiner", "InstanceInfo", "propose_patches", "crop_patches", "paste_patches",

@@ -19,7 +19,6 @@ import numpy as np
 
 from bpr_core import BPRConfig, crop_patches, paste_patches, propose_patches
 from bpr_core import rle as rle_utils
-from bpr_core.refiner import make_patch_refiner
 
 from .storage import read_bytes, resolve
 
@@ -129,6 +128,8 @@ class RefinePatches:
     def __init__(self, method: str, checkpoint: str | None, device: str, config: dict, threads: int = 1,
                  fail_on_batch: int | None = None):
         import torch
+
+        from bpr_core.refiner import make_patch_refiner
 
         torch.set_num_threads(max(1, threads))
         self.refiner, self.cfg, _ = make_patch_refiner(method, checkpoint, device, BPRConfig.from_dict(config))
