@@ -231,12 +231,17 @@ def iter_json_array(f, what: str, chunk_size: int = 1 << 20) -> Iterator:
         yield obj
 
 
-def iter_results_json(path: str | Path, sizes: dict[int, ImageRecord] | None = None) -> Iterator[dict]:
-    """Stream instance rows from a COCO results JSON without loading it whole."""
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"results file not found: {path}") from None
+def iter_results_json(source, sizes: dict[int, ImageRecord] | None = None, name: str | None = None) -> Iterator[dict]:
+    """Stream instance rows from a COCO results JSON (a path or a text file object) without
+    loading it whole."""
+    if hasattr(source, "read"):
+        f, path = source, name or "<stream>"
+    else:
+        path = name or str(source)
+        try:
+            f = open(source, encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"results file not found: {path}") from None
     with f:
         try:
             for i, d in enumerate(iter_json_array(f, f"results file {path}")):
@@ -306,15 +311,6 @@ def write_results_json(rows: Iterable[dict], out: io.TextIOBase | str | Path) ->
         if own:
             f.close()
     return n
-
-
-def iter_parquet_rows(path: str | Path, columns: list[str] | None = None, batch_size: int = 4096) -> Iterator[dict]:
-    """Stream rows of a Parquet file or dataset directory without loading it whole."""
-    import pyarrow.dataset as ds
-
-    dataset = ds.dataset(str(path), format="parquet")
-    for batch in dataset.to_batches(columns=columns, batch_size=batch_size):
-        yield from batch.to_pylist()
 
 
 # --- ground truth ------------------------------------------------------------------------------

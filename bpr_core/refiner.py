@@ -12,7 +12,6 @@ The Ray pipeline calls the same objects, one per actor.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -24,8 +23,6 @@ import torch.nn.functional as F
 from .config import BPRConfig
 from .model import RefineNet, build_model
 from .patches import crop_patches, paste_patches, propose_patches
-
-log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
 CHECKPOINT_FORMAT = "bpr-checkpoint/1"

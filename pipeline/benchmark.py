@@ -15,7 +15,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -121,8 +120,6 @@ def _split_one(args):
 
 
 def official_style(d: Path, work: Path, checkpoint: str | None, batch_size: int, threads: int, procs: int = 2) -> dict:
-    from pycocotools.coco import COCO  # noqa: F401  (the official flow loads GT with it)
-
     from bpr_core.formats import load_coco_gt
 
     if work.exists():

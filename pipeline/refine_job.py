@@ -70,16 +70,17 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _local_copy(loc: storage.Location) -> str:
-    """Inputs parsed in the driver (index, results JSON) are read through the filesystem."""
+def _load_index(loc: storage.Location):
+    """The image index, read through the filesystem (a temporary copy for object stores)."""
     if not loc.is_s3:
-        return loc.path
+        return load_image_index(loc.path)
     import tempfile
 
-    fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(loc.path)[1])
-    with os.fdopen(fd, "wb") as f:
-        f.write(storage.read_bytes(loc))
-    return tmp
+    with tempfile.TemporaryDirectory() as d:
+        tmp = os.path.join(d, os.path.basename(loc.path))
+        with open(tmp, "wb") as f:
+            f.write(storage.read_bytes(loc))
+        return load_image_index(tmp)
 
 
 def check_inputs(opts: RefineOptions) -> None:
@@ -142,7 +143,11 @@ def _iter_instances(coarse_loc: storage.Location, index) -> "Iterator[dict]":
     from bpr_core.formats import iter_results_json
 
     if coarse_loc.path.lower().endswith(".json"):
-        yield from iter_results_json(_local_copy(coarse_loc), index)
+        if not coarse_loc.is_s3:
+            yield from iter_results_json(coarse_loc.path, index)
+            return
+        with coarse_loc.fs.open_input_stream(coarse_loc.path) as raw:  # streamed from the store
+            yield from iter_results_json(io.TextIOWrapper(raw, encoding="utf-8"), index, name=coarse_loc.uri)
         return
     import pyarrow.dataset as pads
 
@@ -164,7 +169,7 @@ def prepare_shards(opts: RefineOptions) -> tuple[ShardSpill, list[dict], int]:
     """
     check_inputs(opts)
     index_loc, coarse_loc = storage.resolve(opts.image_info), storage.resolve(opts.coarse)
-    index = load_image_index(_local_copy(index_loc))
+    index = _load_index(index_loc)
     ranks = {image_id: r for r, image_id in enumerate(sorted(index))}
     shards = ShardSpill((len(ranks) + opts.shard_size - 1) // opts.shard_size)
     quarantined, seen, n_in = [], set(), 0

@@ -11,7 +11,6 @@ RLE, boxes, uint8 probabilities) goes through the shuffle, never images.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import cv2
@@ -21,8 +20,6 @@ from bpr_core import BPRConfig, crop_patches, paste_patches, propose_patches
 from bpr_core import rle as rle_utils
 
 from .storage import read_bytes, resolve
-
-log = logging.getLogger(__name__)
 
 # Columns carried by every row from extraction to reassembly.
 META = ("image_id", "instance_id", "category_id", "score", "rle_counts", "rle_h", "rle_w", "source_file")
@@ -47,7 +44,6 @@ class ExtractPatches:
     def __call__(self, batch: dict) -> dict:
         cfg = self.cfg
         s = cfg.crop_size
-        n = len(batch["image_id"])
         out: dict[str, list] = {k: [] for k in META + ("status", "reason", "has_patch", "box", "img", "msk")}
         zero_img, zero_msk = np.zeros((s, s, 3), np.uint8), np.zeros((s, s), np.uint8)
 

@@ -12,7 +12,6 @@ state-dict file that `bpr_core.Refiner(checkpoint=...)` loads with weights_only=
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -28,8 +27,6 @@ from bpr_core.refiner import save_checkpoint
 from bpr_core.training import PatchMetrics, augment, normalise, poly_lr, to_inputs
 
 from . import storage
-
-log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 
 

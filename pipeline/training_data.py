@@ -10,7 +10,6 @@ No per-patch files: the dataset streams, and can be written to Parquet for reuse
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import numpy as np
@@ -97,7 +96,3 @@ def build_patch_dataset(images: str, coarse: str, gt: str, config: BPRConfig, nm
     ds = ray.data.from_arrow(table)
     return ds.map_batches(MatchAndExtract, fn_constructor_args=(images, config.to_dict(), nms_iou, min_iou), batch_size=32,
                           compute=ActorPoolStrategy(size=actors), num_cpus=0.5, batch_format="numpy")
-
-
-def describe_sources(sources: list[dict]) -> str:
-    return json.dumps(sources, sort_keys=True)

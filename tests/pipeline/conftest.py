@@ -8,12 +8,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_refine_subprocess(args: list[str], env_extra: dict | None = None, timeout: float = 300, wait: bool = True):
-    """Run `python -m jobs.refine` as a user would, with its own private Ray in its own temp dir."""
+def run_job(module: str, args: list[str], env_extra: dict | None = None, timeout: float = 300, wait: bool = True):
+    """Run `python -m <module>` as a user would, with its own private Ray (in its own temp dir when
+    BPR_RAY_TEMP_DIR is given). Returns (returncode, output), or the process when wait=False."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
     env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "jobs.refine", *args]
+    cmd = [sys.executable, "-m", module, *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     if not wait:
@@ -24,6 +25,10 @@ def run_refine_subprocess(args: list[str], env_extra: dict | None = None, timeou
         kill_tree(proc, env.get("BPR_RAY_TEMP_DIR"))
         raise
     return proc.returncode, out
+
+
+def run_refine_subprocess(args: list[str], env_extra: dict | None = None, timeout: float = 300, wait: bool = True):
+    return run_job("jobs.refine", args, env_extra, timeout, wait)
 
 
 def kill_tree(proc, temp_dir: str | None = None) -> None:

@@ -4,11 +4,8 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
-from bpr_core import BPRConfig
 from bpr_core.synthetic import write_dataset
 from pipeline.refine_job import RefineOptions, run
 

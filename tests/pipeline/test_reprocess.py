@@ -1,5 +1,4 @@
 import json
-import shutil
 import time
 
 from pipeline.refine_job import RefineOptions

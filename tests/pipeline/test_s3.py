@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import pytest
 

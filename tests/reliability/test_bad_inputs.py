@@ -3,7 +3,6 @@ either refines correctly (identity refiner: output equals input bit for bit) or 
 quarantined with a reason naming the input, the rest completes, and instances in == out."""
 
 import json
-import math
 
 import cv2
 import numpy as np

@@ -7,16 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from bpr_core import Refiner, load_checkpoint
 from bpr_core.synthetic import write_dataset
 from bpr_core.training import poly_lr
 
-from ..pipeline.conftest import ROOT, kill_tree
-
-import subprocess
-import sys
+from ..pipeline.conftest import kill_tree, run_job
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +24,7 @@ def tiny_sets(tmp_path_factory):
 
 
 def _train(args, env_extra=None, wait=True, timeout=400):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
-    env.update(env_extra or {})
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    if not wait:
-        return proc
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc, env.get("BPR_RAY_TEMP_DIR"))
-        raise
-    return proc.returncode, out
+    return run_job("jobs.train", args, env_extra, timeout, wait)
 
 
 def _steps(out: Path) -> list[dict]:
