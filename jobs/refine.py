@@ -54,11 +54,15 @@ def build_parser(prog: str = "python -m jobs.refine", doc: str = __doc__, coarse
     r.add_argument("--visualize", type=int, default=0, metavar="N",
                    help="write N before/after overlay PNGs (coarse red, refined green, patches yellow) to OUT/visualize/")
     r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
-    r.add_argument("--shard-size", type=int, default=200, help="images per shard, the unit of resume (default 200)")
+    r.add_argument("--shard-size", type=int, default=1000, help="images per shard, the unit of resume and commit (default 1000)")
     r.add_argument("--batch-size", type=int, default=64, help="patches per network batch (default 64)")
     r.add_argument("--refine-actors", type=int, default=1, help="refinement actors (default 1)")
     r.add_argument("--extract-actors", type=int, default=1, help="patch-extraction actors (default 1)")
-    r.add_argument("--refine-cpus", type=float, default=1.0, help="CPUs per refinement actor, also its torch threads (default 1)")
+    r.add_argument("--refine-cpus", type=float, default=0.5,
+                   help="logical CPUs reserved per refinement actor; its torch threads are max(1, int(this)) (default 0.5)")
+    r.add_argument("--shards-in-flight", type=int, default=2,
+                   help="shards processed at once, committed in order (default 2: one streams through the network "
+                        "while the previous one is reassembled and written)")
     r.add_argument("--reassemble-partitions", type=int, default=1, help="groupby partitions per shard (default 1)")
     r.add_argument("--device", default="auto", help="auto (GPU actors if the cluster has GPUs), cpu or cuda")
     r.add_argument("--num-cpus", type=int, help="CPUs for a private local Ray (default: all)")
@@ -93,7 +97,8 @@ def options_from_args(args):
                          out=args.out, method=choose_refiner(args), checkpoint=args.checkpoint, config=cfg,
                          shard_size=args.shard_size, batch_size=args.batch_size, refine_actors=args.refine_actors,
                          extract_actors=args.extract_actors, refine_cpus=args.refine_cpus, device=args.device,
-                         reassemble_partitions=args.reassemble_partitions, visualize=args.visualize,
+                         reassemble_partitions=args.reassemble_partitions,
+                         shards_in_flight=args.shards_in_flight, visualize=args.visualize,
                          fail_on_batch=int(os.environ["BPR_FAIL_ON_BATCH"]) if os.environ.get("BPR_FAIL_ON_BATCH") else None)
 
 

@@ -18,7 +18,8 @@ from ._cli import run_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.soak", description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--shard-size", type=int, default=200)
+    ap.add_argument("--shard-size", type=int, default=200,
+                    help="small shards on purpose (default 200): many shard cycles for leaks to show")
     ap.add_argument("--work", help="working directory (default: a temporary one)")
     ap.add_argument("--out", default="soak.json")
     ap.add_argument("--refiner", default="network", choices=["network", "guided-filter", "identity"])

@@ -24,7 +24,8 @@ import math
 import os
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -37,7 +38,7 @@ from bpr_core.formats import INSTANCE_COLUMNS, REFINED_SCHEMA, InputError, load_
 from bpr_core.refiner import make_patch_refiner
 
 from . import storage
-from .stages import ExtractPatches, RefinePatches, reassemble_instance
+from .stages import ExtractPatches, RefinePatches, reassemble_image
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,18 @@ class RefineOptions:
     method: str = "network"
     checkpoint: str | None = None
     config: BPRConfig = field(default_factory=BPRConfig)
-    shard_size: int = 200
+    shard_size: int = 1000  # measured: 1,600 images took 49 s in shards of 200, 27 s in shards of 800 (README)
     batch_size: int = 64
     refine_actors: int = 1
     extract_actors: int = 1
-    refine_cpus: float = 1.0
+    # Logical CPUs reserved per refinement actor (its torch threads: max(1, int(refine_cpus))).
+    # 0.5 by default: measured on 2 cores, a whole CPU held by the actor kept the shard's shuffle
+    # tasks (1 CPU each) waiting ~1 s for the actor pool's teardown after the last batch.
+    refine_cpus: float = 0.5
     reassemble_partitions: int = 1
     images_per_block: int = 8
+    batches_per_block: int = 4
+    shards_in_flight: int = 2
     device: str = "auto"  # auto: GPU actors when the cluster has GPUs
     fail_on_batch: int | None = None  # fault injection (tests)
     visualize: int = 0  # write this many before/after overlay PNGs to OUT/visualize/
@@ -234,19 +240,26 @@ def run_shard(opts: RefineOptions, rows: list[dict], cfg: BPRConfig, card: dict,
     ds = ds.map_batches(ExtractPatches, fn_constructor_args=(opts.images, cfg.to_dict()), batch_size=None,
                         compute=ActorPoolStrategy(size=opts.extract_actors), num_cpus=0.5, batch_format="numpy")
     ds = ds.map_batches(RefinePatches,
-                        fn_constructor_args=(opts.method, opts.checkpoint, device, cfg.to_dict(), max(1, int(opts.refine_cpus)), opts.fail_on_batch),
-                        batch_size=opts.batch_size, compute=ActorPoolStrategy(size=opts.refine_actors),
+                        fn_constructor_args=(opts.method, opts.checkpoint, device, cfg.to_dict(), max(1, int(opts.refine_cpus)), opts.fail_on_batch,
+                                             opts.batch_size),
+                        batch_size=opts.batch_size * opts.batches_per_block, compute=ActorPoolStrategy(size=opts.refine_actors),
                         num_cpus=opts.refine_cpus, num_gpus=num_gpus, batch_format="numpy")
     # The design card's groupby stage. One partition per shard by default: measured on 2 cores, a
     # 2-partition sort shuffle costs ~2 s more per shard (boundary sampling) than it saves.
-    ds = ds.groupby(["image_id", "instance_id"], num_partitions=opts.reassemble_partitions).map_groups(
-        reassemble_instance, fn_args=(cfg.to_dict(), str(card.get("name")), str(card.get("version", "")), cfg.config_hash()),
+    ds = ds.groupby("image_id", num_partitions=opts.reassemble_partitions).map_groups(
+        reassemble_image, fn_args=(cfg.to_dict(), str(card.get("name")), str(card.get("version", "")), cfg.config_hash()),
         batch_format="numpy", num_cpus=0.5)
     ds.write_parquet(out_dir.uri if not out_dir.is_s3 else out_dir.path, filesystem=out_dir.fs)
     try:
         return ds.stats()
     except Exception:  # stats are informative only
         return ""
+
+
+def _done_future() -> Future:
+    f: Future = Future()
+    f.set_result("")
+    return f
 
 
 def _read_parts(loc: storage.Location) -> pa.Table:
@@ -278,20 +291,10 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
 
     timings, stats_text, done, skipped = [], "", 0, 0
     keys = []
-    for i in range(len(shards)):
-        rows = shards[i]
-        name = f"shard-{i:05d}"
-        key = shard_key(rows, model_id, cfg.config_hash())
-        keys.append(key)
-        marker = out.join("_commits", f"{name}.json")
-        if storage.exists(marker) and json.loads(storage.read_bytes(marker)).get("key") == key:
-            skipped += 1
-            continue
-        parts = out.join("parts", name)
-        storage.delete(parts)  # a partial write of an interrupted run
-        ts = time.time()
-        if rows:
-            stats_text = run_shard(opts, rows, cfg, card, device, num_gpus, parts) or stats_text
+
+    def commit(i, name, rows, key, marker, parts, ts, fut):
+        nonlocal stats_text, done
+        stats_text = fut.result() or stats_text
         table = _read_parts(parts)
         if table.num_rows != len(rows):
             raise RuntimeError(f"{name}: {len(rows)} instances in, {table.num_rows} out; not committing")
@@ -303,6 +306,35 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
         images = len({r["image_id"] for r in rows})
         _progress(f"  {name} ({i + 1}/{len(shards)}): {images} images, {len(rows)} instances, {n_patches} patches "
                   f"in {dt:.1f} s ({images / max(dt, 1e-9):.1f} img/s, {n_patches / max(dt, 1e-9):.0f} patches/s)")
+
+    # Shards overlap (shards_in_flight Ray Data flows at once, committed in order): a shard's
+    # groupby is a barrier, and its shuffle, reassembly, write and the next shard's actor start-up
+    # would otherwise leave the network idle (measured in the README's performance section).
+    in_flight = max(1, opts.shards_in_flight)
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bpr-shard") as pool:
+        try:
+            for i in range(len(shards)):
+                rows = shards[i]
+                name = f"shard-{i:05d}"
+                key = shard_key(rows, model_id, cfg.config_hash())
+                keys.append(key)
+                marker = out.join("_commits", f"{name}.json")
+                if storage.exists(marker) and json.loads(storage.read_bytes(marker)).get("key") == key:
+                    skipped += 1
+                    continue
+                parts = out.join("parts", name)
+                storage.delete(parts)  # a partial write of an interrupted run
+                while len(pending) >= in_flight:
+                    commit(*pending.popleft())
+                fut = pool.submit(run_shard, opts, rows, cfg, card, device, num_gpus, parts) if rows else _done_future()
+                pending.append((i, name, rows, key, marker, parts, time.time(), fut))
+            while pending:
+                commit(*pending.popleft())
+        except BaseException:
+            for p in pending:
+                p[-1].cancel()
+            raise
     manifest = assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card)
     if opts.visualize:
         from .visualize import write_visualizations
@@ -369,5 +401,6 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
         "shards": [{"index": i, "key": k, "instances": c} for i, (c, k) in enumerate(zip(shards.counts, keys))],
         "counts": dict(counts, input=n_in),
         "invariant": invariant,
-        "options": {k: v for k, v in asdict(opts).items() if k in ("shard_size", "batch_size", "refine_actors", "extract_actors", "refine_cpus")},
+        "options": {k: v for k, v in asdict(opts).items() if k in ("shard_size", "batch_size", "refine_actors", "extract_actors", "refine_cpus",
+                                                                    "shards_in_flight")},
     }

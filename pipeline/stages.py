@@ -122,7 +122,7 @@ class RefinePatches:
     """Patch rows -> probability rows (uint8, 0..255). The model is loaded once per actor."""
 
     def __init__(self, method: str, checkpoint: str | None, device: str, config: dict, threads: int = 1,
-                 fail_on_batch: int | None = None):
+                 fail_on_batch: int | None = None, net_batch: int = 64):
         import torch
 
         from bpr_core.refiner import make_patch_refiner
@@ -130,6 +130,7 @@ class RefinePatches:
         torch.set_num_threads(max(1, threads))
         self.refiner, self.cfg, _ = make_patch_refiner(method, checkpoint, device, BPRConfig.from_dict(config))
         self.calls = 0
+        self.net_batch = net_batch
         # Fault injection for the reliability tests only: the actor process dies on its k-th batch
         # (once per run, marked by a file) and Ray must restart it and retry the batch.
         self.fail_on_batch = fail_on_batch
@@ -145,16 +146,34 @@ class RefinePatches:
         s = self.cfg.crop_size
         probs = np.zeros((len(has), s, s), np.uint8)
         if has.any():
-            p = self.refiner.predict(batch["img"][has], batch["msk"][has])
+            # A block may hold several network batches (fewer, larger blocks for the shuffle);
+            # the network always sees net_batch patches at a time.
+            img, msk = batch["img"][has], batch["msk"][has]
+            p = np.concatenate([self.refiner.predict(img[i : i + self.net_batch], msk[i : i + self.net_batch])
+                                for i in range(0, len(img), self.net_batch)])
             probs[has] = np.clip(np.rint(p * 255.0), 0, 255).astype(np.uint8)
         out = {k: v for k, v in batch.items() if k not in ("img", "msk")}
         out["prob"] = probs
         return out
 
 
-def reassemble_instance(group: dict, config: dict, model_name: str, model_version: str, config_hash: str) -> dict:
-    """All probability rows of one instance -> its one output row (refined or passed through)."""
+def reassemble_image(group: dict, config: dict, model_name: str, model_version: str, config_hash: str) -> dict:
+    """All probability rows of one image -> one output row per instance (refined, passed through
+    or quarantined). The groupby key is the image, not the instance: measured on 2 cores, Ray
+    Data's per-group cost in map_groups was several times the paste itself, and an image holds
+    ~4 instances on average (more on COCO)."""
     cfg = BPRConfig.from_dict(config)
+    ids = np.asarray(group["instance_id"])
+    order = np.argsort(ids, kind="stable")
+    _, starts = np.unique(ids[order], return_index=True)
+    rows = []
+    for idx in np.split(order, starts[1:]):
+        rows.append(reassemble_instance({k: v[idx] for k, v in group.items()}, cfg, model_name, model_version, config_hash))
+    return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+
+
+def reassemble_instance(group: dict, cfg: BPRConfig, model_name: str, model_version: str, config_hash: str) -> dict:
+    """All probability rows of one instance -> its one output row."""
     first = {k: group[k][0] for k in META}
     status, reason = str(group["status"][0]), str(group["reason"][0])
     h, w = int(first["rle_h"]), int(first["rle_w"])
@@ -171,4 +190,4 @@ def reassemble_instance(group: dict, config: dict, model_name: str, model_versio
     row = {**first, "rle_counts": counts, "status": status, "reason": reason, "coarse_area": coarse_area,
            "refined_area": refined_area, "num_patches": npatch, "model_name": model_name,
            "model_version": model_version, "config_hash": config_hash}
-    return {k: np.asarray([v]) for k, v in row.items()}
+    return row

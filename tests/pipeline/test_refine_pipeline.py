@@ -105,3 +105,13 @@ def test_killed_run_resumes_to_the_same_output_without_duplicates(tmp_path, synt
     shutil.rmtree(temp + "a", ignore_errors=True)
     shutil.rmtree(temp + "b", ignore_errors=True)
     shutil.rmtree(temp + "c", ignore_errors=True)
+
+
+def test_overlapping_shards_give_the_same_output_as_one_at_a_time(ray_session, tmp_path, synth30):
+    one = run(_opts(synth30, tmp_path / "one", method="guided-filter", shard_size=10, shards_in_flight=1))
+    three = run(_opts(synth30, tmp_path / "three", method="guided-filter", shard_size=10, shards_in_flight=3))
+    assert one["timings"]["shards_run"] == three["timings"]["shards_run"] == 3
+    assert [s["shard"] for s in three["timings"]["per_shard"]] == [0, 1, 2]  # committed in order
+    assert (tmp_path / "three" / "refined.json").read_bytes() == (tmp_path / "one" / "refined.json").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "three" / "_commits").iterdir()) == [f"shard-0000{i}.json" for i in range(3)]
+    assert three["invariant"]["ok"] and three["counts"] == one["counts"]

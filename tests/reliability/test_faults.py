@@ -11,7 +11,7 @@ from ..pipeline.conftest import run_refine_subprocess
 def test_killed_refine_actor_is_restarted_and_output_is_identical(tmp_path, synth30):
     common = ["--images", str(synth30 / "images"), "--coarse", str(synth30 / "coarse.json"),
               "--image-info", str(synth30 / "annotations.json"), "--refiner", "guided-filter", "--shard-size", "30",
-              "--batch-size", "16", "--num-cpus", "2"]
+              "--batch-size", "8", "--num-cpus", "2"]
     temp = f"/tmp/bprt-fault-{os.getpid()}-{int(time.time())}"
     rc, log = run_refine_subprocess(common + ["--out", str(tmp_path / "clean")], {"BPR_RAY_TEMP_DIR": temp + "a"})
     assert rc == 0, log
