@@ -305,7 +305,8 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
         timings.append({"shard": i, "instances": len(rows), "patches": n_patches, "seconds": round(dt, 3)})
         images = len({r["image_id"] for r in rows})
         _progress(f"  {name} ({i + 1}/{len(shards)}): {images} images, {len(rows)} instances, {n_patches} patches "
-                  f"in {dt:.1f} s ({images / max(dt, 1e-9):.1f} img/s, {n_patches / max(dt, 1e-9):.0f} patches/s)")
+                  f"in {dt:.1f} s ({images / max(dt, 1e-9):.1f} img/s, {n_patches / max(dt, 1e-9):.0f} patches/s); "
+                  f"{time.time() - t0:.0f} s elapsed")
 
     # Shards overlap (shards_in_flight Ray Data flows at once, committed in order): a shard's
     # groupby is a barrier, and its shuffle, reassembly, write and the next shard's actor start-up
