@@ -244,8 +244,8 @@ def run_shard(opts: RefineOptions, rows: list[dict], cfg: BPRConfig, card: dict,
                                              opts.batch_size),
                         batch_size=opts.batch_size * opts.batches_per_block, compute=ActorPoolStrategy(size=opts.refine_actors),
                         num_cpus=opts.refine_cpus, num_gpus=num_gpus, batch_format="numpy")
-    # The design card's groupby stage. One partition per shard by default: measured on 2 cores, a
-    # 2-partition sort shuffle costs ~2 s more per shard (boundary sampling) than it saves.
+    # The design card's groupby stage, keyed by image. One partition per shard by default: measured
+    # on 2 cores, 2 partitions were never faster (400-image shard: 9.9 s against 9.5 s).
     ds = ds.groupby("image_id", num_partitions=opts.reassemble_partitions).map_groups(
         reassemble_image, fn_args=(cfg.to_dict(), str(card.get("name")), str(card.get("version", "")), cfg.config_hash()),
         batch_format="numpy", num_cpus=0.5)
