@@ -251,13 +251,8 @@ def iter_results_json(source, sizes: dict[int, ImageRecord] | None = None, name:
 
 
 def read_results_json(path: str | Path, sizes: dict[int, ImageRecord] | None = None) -> list[dict]:
-    """COCO results JSON (as detectron2/mmdet write it) -> instance rows."""
-    data = _read_json(path, "results file")
-    if isinstance(data, dict) and "annotations" in data:  # a GT-style file used as results
-        data = data["annotations"]
-    if not isinstance(data, list):
-        raise InputError(f"results file {path}: expected a JSON list of detections, got {type(data).__name__}")
-    return [result_to_row(d, i, sizes, f"{path} [entry {i}]") for i, d in enumerate(data)]
+    """COCO results JSON (as detectron2/mmdet write it; a GT-style file works too) -> instance rows."""
+    return list(iter_results_json(path, sizes))
 
 
 def read_instances(path: str | Path, sizes: dict[int, ImageRecord] | None = None) -> list[dict]:

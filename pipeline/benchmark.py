@@ -27,6 +27,7 @@ from bpr_core import BPRConfig, crop_patches, paste_patches, propose_patches
 from bpr_core import rle as rle_utils
 from bpr_core.formats import load_image_index, read_results_json, row_to_result
 from bpr_core.refiner import make_patch_refiner
+from bpr_core.training import match_gt
 from bpr_core.synthetic import write_dataset
 
 from .procmem import PeakRSS
@@ -100,14 +101,10 @@ def _split_one(args):
     img = cv2.imread(image_path)  # BGR, as cv2 writes it back
     m = rle_utils.decode({"size": [row["rle_h"], row["rle_w"]], "counts": row["rle_counts"]})
     boxes = propose_patches(m, cfg)
-    gt = np.zeros_like(m)
-    best = 0.0
-    for g in gt_masks:  # the official split needs GT even at inference: it writes GT patches too
-        gm = rle_utils.decode(g)
-        u = np.logical_or(gm, m).sum()
-        iou = np.logical_and(gm, m).sum() / u if u else 0
-        if iou > best:
-            best, gt = iou, gm
+    # the official split needs GT even at inference: it writes GT patches too
+    gts = [rle_utils.decode(g) for g in gt_masks]
+    j, _ = match_gt(m, gts, min_iou=0.0)
+    gt = gts[j] if j >= 0 else np.zeros_like(m)
     ids = []
     for k, (ip, mp, gp) in enumerate(zip(crop_patches(img, boxes, cfg), crop_patches(m.view(np.uint8), boxes, cfg),
                                          crop_patches(gt.astype(np.uint8), boxes, cfg))):

@@ -86,7 +86,10 @@ def _load_index(loc: storage.Location):
         tmp = os.path.join(d, os.path.basename(loc.path))
         with open(tmp, "wb") as f:
             f.write(storage.read_bytes(loc))
-        return load_image_index(tmp)
+        try:
+            return load_image_index(tmp)
+        except InputError as e:  # name the user's input, not the temporary copy
+            raise InputError(str(e).replace(tmp, loc.uri)) from None
 
 
 def check_inputs(opts: RefineOptions) -> None:
@@ -149,10 +152,7 @@ def _iter_instances(coarse_loc: storage.Location, index) -> "Iterator[dict]":
     from bpr_core.formats import iter_results_json
 
     if coarse_loc.path.lower().endswith(".json"):
-        if not coarse_loc.is_s3:
-            yield from iter_results_json(coarse_loc.path, index)
-            return
-        with coarse_loc.fs.open_input_stream(coarse_loc.path) as raw:  # streamed from the store
+        with coarse_loc.fs.open_input_stream(coarse_loc.path) as raw:  # streamed, local or object store
             yield from iter_results_json(io.TextIOWrapper(raw, encoding="utf-8"), index, name=coarse_loc.uri)
         return
     import pyarrow.dataset as pads

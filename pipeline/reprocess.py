@@ -11,7 +11,6 @@ the refine job's shard commits resume an interrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -101,7 +100,7 @@ def reprocess(detections: str, template: RefineOptions, lease_seconds: float = 3
         for f in list_detections(detections):
             rel = f.path[len(root.path):].lstrip("/") if f.path.startswith(root.path) else os.path.basename(f.path)
             target = out.join(safe_name(rel))
-            content = hashlib.sha256(storage.read_bytes(f)).hexdigest()[:16]
+            content = storage.sha256_hex(f)[:16]
             key = {"input": rel, "content": content, "model": model_id, "config_hash": cfg.config_hash()}
             marker = target.join("reprocess.json")
             if storage.exists(marker) and json.loads(storage.read_bytes(marker)) == key:

@@ -9,6 +9,7 @@ completes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import uuid
@@ -72,20 +73,22 @@ def makedirs(loc: Location) -> None:
         os.makedirs(loc.path, exist_ok=True)
 
 
+def sha256_hex(loc: Location, chunk_size: int = 1 << 22) -> str:
+    """Content hash, read in chunks (detector outputs can be larger than memory should hold)."""
+    h = hashlib.sha256()
+    with loc.fs.open_input_stream(loc.path) as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_bytes_atomic(loc: Location, data: bytes) -> None:
-    if loc.is_s3:
-        with loc.fs.open_output_stream(loc.path) as f:
-            f.write(data)
-        return
-    os.makedirs(os.path.dirname(loc.path), exist_ok=True)
-    tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
+    with AtomicWriter(loc) as f:
         f.write(data)
-    os.replace(tmp, loc.path)
 
 
 class AtomicWriter:
-    """Stream text to a location; the object/file appears under its name only on success."""
+    """Stream text or bytes to a location; the object/file appears under its name only on success."""
 
     def __init__(self, loc: Location):
         self.loc = loc
@@ -96,8 +99,8 @@ class AtomicWriter:
             self._target = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
         self._raw = loc.fs.open_output_stream(self._target)
 
-    def write(self, s: str) -> int:
-        self._raw.write(s.encode())
+    def write(self, s: str | bytes) -> int:
+        self._raw.write(s.encode() if isinstance(s, str) else s)
         return len(s)
 
     def __enter__(self):

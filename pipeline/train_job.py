@@ -11,6 +11,7 @@ state-dict file that `bpr_core.Refiner(checkpoint=...)` loads with weights_only=
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -27,6 +28,7 @@ from bpr_core.refiner import save_checkpoint
 from bpr_core.training import PatchMetrics, augment, normalise, poly_lr, to_inputs
 
 from . import storage
+
 STATE_FILE = "state.pt"
 
 
@@ -150,8 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
                     checkpoint = None
                     if rank == 0:
                         torch.save({"model": {k: v.cpu() for k, v in _unwrap(model).state_dict().items()},
-                                    "optimizer": opt.state_dict(), "step": step, "best": best, "config": cfg.to_dict(),
-                                    "is_best": metrics["patch_iou"] >= best["patch_iou"]},
+                                    "optimizer": opt.state_dict(), "step": step, "best": best, "config": cfg.to_dict()},
                                    os.path.join(d, STATE_FILE))
                         with open(os.path.join(d, "metrics.json"), "w") as f:
                             json.dump(metrics, f)
@@ -199,7 +200,7 @@ def _datasets(opts: TrainOptions):
 
 
 def export(best_dir: storage.Location, out: storage.Location, opts: TrainOptions, metrics: dict, n_train: int, n_val: int) -> str:
-    state = torch.load(_local_file(best_dir.join(STATE_FILE)), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(storage.read_bytes(best_dir.join(STATE_FILE))), map_location="cpu", weights_only=True)
     cfg = BPRConfig.from_dict(state["config"])
     model = build_model(cfg.model)
     model.load_state_dict(state["model"])
@@ -215,22 +216,11 @@ def export(best_dir: storage.Location, out: storage.Location, opts: TrainOptions
         "val_loss": round(metrics["loss"], 4),
         "command": opts.command,
     }
-    import io
-
     buf = io.BytesIO()
     save_checkpoint(buf, model, cfg, card)
     storage.write_bytes_atomic(out.join("model.pt"), buf.getvalue())
     storage.write_bytes_atomic(out.join("model_card.json"), json.dumps(card, indent=2).encode())
     return out.join("model.pt").uri
-
-
-def _local_file(loc: storage.Location) -> str:
-    if not loc.is_s3:
-        return loc.path
-    fd, tmp = tempfile.mkstemp()
-    with os.fdopen(fd, "wb") as f:
-        f.write(storage.read_bytes(loc))
-    return tmp
 
 
 def run(opts: TrainOptions) -> dict:

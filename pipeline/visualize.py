@@ -33,24 +33,31 @@ def write_visualizations(n: int, shards: list[list[dict]], refined_rows: dict, i
                          config: BPRConfig) -> list[str]:
     """The first `n` images (by id) that have refined instances -> OUT/visualize/<image_id>.png."""
     root = storage.resolve(images_uri)
-    by_image: dict[int, list[dict]] = {}
-    for rows in shards:
-        for r in rows:
-            by_image.setdefault(r["image_id"], []).append(r)
-    written = []
-    for image_id in sorted(by_image):
+    written: list[str] = []
+    for shard_rows in shards:  # shards hold consecutive image ids; stop reading once n are drawn
         if len(written) >= n:
             break
-        rows = [r for r in by_image[image_id] if (image_id, r["instance_id"]) in refined_rows]
-        if not rows:
-            continue
-        image = decode_image(storage.read_bytes(root.join(rows[0]["file_name"])), rows[0]["file_name"])
-        size = lambda r: [int(r["rle_h"]), int(r["rle_w"])]  # noqa: E731
-        coarse = [rle_utils.decode({"size": size(r), "counts": r["rle_counts"]}) for r in rows]
-        refined = [rle_utils.decode({"size": size(r), "counts": refined_rows[(image_id, r["instance_id"])]}) for r in rows]
-        pic = overlay(image, coarse, refined, config)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(pic, cv2.COLOR_RGB2BGR))
-        loc = out.join("visualize", f"{int(image_id)}.png")
-        storage.write_bytes_atomic(loc, png.tobytes())
-        written.append(loc.uri)
+        by_image: dict[int, list[dict]] = {}
+        for r in shard_rows:
+            if (r["image_id"], r["instance_id"]) in refined_rows:
+                by_image.setdefault(r["image_id"], []).append(r)
+        for image_id in sorted(by_image):
+            if len(written) >= n:
+                break
+            written.append(_draw(image_id, by_image[image_id], refined_rows, root, out, config))
     return written
+
+
+def _draw(image_id: int, rows: list[dict], refined_rows: dict, root: storage.Location, out: storage.Location,
+          config: BPRConfig) -> str:
+    """One overlay PNG -> its URI."""
+    image = decode_image(storage.read_bytes(root.join(rows[0]["file_name"])), rows[0]["file_name"])
+    size = lambda r: [int(r["rle_h"]), int(r["rle_w"])]  # noqa: E731
+    coarse = [rle_utils.decode({"size": size(r), "counts": r["rle_counts"]}) for r in rows]
+    refined = [rle_utils.decode({"size": size(r), "counts": refined_rows[(image_id, r["instance_id"])]}) for r in rows]
+    ok, png = cv2.imencode(".png", cv2.cvtColor(overlay(image, coarse, refined, config), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError(f"cannot encode the overlay of image {image_id} as PNG")
+    loc = out.join("visualize", f"{int(image_id)}.png")
+    storage.write_bytes_atomic(loc, png.tobytes())
+    return loc.uri

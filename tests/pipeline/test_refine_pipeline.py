@@ -115,3 +115,17 @@ def test_overlapping_shards_give_the_same_output_as_one_at_a_time(ray_session, t
     assert (tmp_path / "three" / "refined.json").read_bytes() == (tmp_path / "one" / "refined.json").read_bytes()
     assert sorted(p.name for p in (tmp_path / "three" / "_commits").iterdir()) == [f"shard-0000{i}.json" for i in range(3)]
     assert three["invariant"]["ok"] and three["counts"] == one["counts"]
+
+
+def test_visualize_draws_the_first_images_with_refined_instances(ray_session, tmp_path, synth30):
+    import cv2
+
+    m = run(_opts(synth30, tmp_path / "out", method="guided-filter", shard_size=10, visualize=2))
+    written = m["outputs"]["visualize"]
+    parts = pq.read_table(tmp_path / "out" / "parts").to_pylist()
+    first = sorted({r["image_id"] for r in parts if r["status"] == "refined"})[:2]
+    assert [Path(p).name for p in written] == [f"{i}.png" for i in first]
+    sizes = {im["id"]: (im["height"], im["width"]) for im in json.loads((synth30 / "annotations.json").read_text())["images"]}
+    for p, image_id in zip(written, first):
+        pic = cv2.imread(p)
+        assert pic is not None and pic.shape[:2] == (2 * sizes[image_id][0], 2 * sizes[image_id][1])
