@@ -76,15 +76,27 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-class NetworkPatchRefiner:
-    """The BPR network on patches. Inputs stay uint8 until they are on the device."""
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-    def __init__(self, model: RefineNet, config: BPRConfig, device: str | torch.device = "auto", name: str = "network"):
+
+class NetworkPatchRefiner:
+    """The BPR network on patches. Inputs stay uint8 until they are on the device.
+
+    precision: "auto" (fp16 autocast on CUDA, fp32 elsewhere), "fp32", "fp16" or "bf16" (autocast;
+    bf16 also runs on CPU). On CUDA the model and inputs are channels_last.
+    """
+
+    def __init__(self, model: RefineNet, config: BPRConfig, device: str | torch.device = "auto", name: str = "network",
+                 precision: str = "auto"):
         self.config = config
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.name = name
-        self.amp = self.device.type == "cuda"
+        if precision == "auto":
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be auto or one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.precision, self.amp_dtype = precision, PRECISIONS[precision]
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self._mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1)
@@ -112,8 +124,11 @@ class NetworkPatchRefiner:
     @torch.inference_mode()
     def predict_tensor(self, image_patches, mask_patches) -> torch.Tensor:
         img, msk = self.prepare(image_patches, mask_patches)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        if self.amp_dtype is None:
             logits = self.model(img, msk)
+        else:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                logits = self.model(img, msk)
         prob = logits.float().softmax(dim=1)[:, 1:2]
         s = self.config.crop_size
         if prob.shape[-1] != s:
@@ -164,7 +179,8 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(model=model, config=config, model_card=dict(blob.get("model_card") or {}))
 
 
-def make_patch_refiner(method: str = "network", checkpoint: str | Path | None = None, device: str = "auto", config: BPRConfig | None = None) -> tuple[PatchRefiner, BPRConfig, dict]:
+def make_patch_refiner(method: str = "network", checkpoint: str | Path | None = None, device: str = "auto", config: BPRConfig | None = None,
+                       precision: str = "auto") -> tuple[PatchRefiner, BPRConfig, dict]:
     """Build a patch refiner by name. Returns (refiner, config in force, model card).
 
     For "network" the config comes from the checkpoint (the geometry the model was trained with);
@@ -183,7 +199,7 @@ def make_patch_refiner(method: str = "network", checkpoint: str | Path | None = 
             cfg = config.replace(model=cfg.model, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std, mask_resize=cfg.mask_resize)
         card = dict(loaded.model_card)
         card.setdefault("name", ckpt.stem)
-        return NetworkPatchRefiner(loaded.model, cfg, device, name=f"network:{card['name']}"), cfg, card
+        return NetworkPatchRefiner(loaded.model, cfg, device, name=f"network:{card['name']}", precision=precision), cfg, card
     cfg = config or BPRConfig()
     if method == "guided-filter":
         return GuidedFilterPatchRefiner(), cfg, {"name": "guided-filter", "version": "1"}

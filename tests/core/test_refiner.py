@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import torch
 
 from bpr_core import BPRConfig, IdentityPatchRefiner, Refiner, load_checkpoint, save_checkpoint
 from bpr_core.model import build_model
+import bpr_core.refiner
 from bpr_core.refiner import NetworkPatchRefiner
 
 from .masks import random_blob_mask
@@ -144,3 +146,25 @@ def test_importing_bpr_core_does_not_import_ray():
     code = "import sys, bpr_core; bpr_core.Refiner; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_precision_is_fp32_on_cpu_by_default_and_bf16_autocast_stays_close():
+    """The GPU benchmark compares precisions; on CPU, bf16 autocast must change the arithmetic
+    (so the option takes effect) without changing what the shipped model predicts."""
+    ck = load_checkpoint(Path(bpr_core.refiner.DEFAULT_WEIGHTS))
+    rng = np.random.default_rng(3)
+    s = ck.config.crop_size
+    img = rng.integers(0, 256, (8, s, s, 3), dtype=np.uint8)
+    msk = np.zeros((8, s, s), np.uint8)
+    msk[:, : s // 2] = 1
+    default = NetworkPatchRefiner(ck.model, ck.config, "cpu")
+    fp32 = NetworkPatchRefiner(ck.model, ck.config, "cpu", precision="fp32")
+    bf16 = NetworkPatchRefiner(ck.model, ck.config, "cpu", precision="bf16")
+    assert default.precision == "fp32"
+    p32, pbf = fp32.predict(img, msk), bf16.predict(img, msk)
+    assert np.array_equal(default.predict(img, msk), p32)
+    diff = np.abs(p32 - pbf)
+    assert 0 < diff.max() < 0.1 and diff.mean() < 0.005
+    assert ((p32 > 0.5) == (pbf > 0.5)).mean() > 0.99
+    with pytest.raises(ValueError, match="precision"):
+        NetworkPatchRefiner(ck.model, ck.config, "cpu", precision="int8")
