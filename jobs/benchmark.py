@@ -9,6 +9,13 @@ over the files into one pickle, a merge pass), (4) peak RSS of the whole process
 images (both in shards of N/2 images, so both hold two shards in flight), (5) 4N with the job's
 defaults and N with 2 refinement actors (full run only). Prints a table and the three ratios
 against their targets, and writes everything to --out. --quick: N = 16 (under 3 minutes here).
+
+Also measured: the algorithm's serial work (extract, network, paste in one thread, no framework),
+which spread over the machine's cores bounds what any flow could reach there; and, where the
+machine has a CUDA GPU, the bare network at fp32/fp16/bf16 (channels_last) and `jobs.refine` end to
+end on it.
+--untrained hrnet18s times the pipeline around an untrained network of the paper's size instead of
+the shipped one (speed only: its masks mean nothing).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, help="N (default 400, or 16 with --quick)")
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--checkpoint", help="model (default: the shipped one)")
+    ap.add_argument("--untrained", metavar="ARCH", choices=["hrnet18s", "hrnet_lite"],
+                    help="time an untrained network of this architecture at the paper's geometry instead (speed only)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--work", help="working directory for data and outputs (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -36,7 +45,15 @@ def main(argv: list[str] | None = None) -> int:
 
     n = args.images or (16 if args.quick else 400)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bpr-bench-"))
-    res = benchmark(work, n, args.checkpoint, args.batch_size, quick=args.quick)
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.checkpoint
+    if args.untrained:
+        if checkpoint:
+            ap.error("--untrained and --checkpoint exclude each other")
+        from pipeline.benchmark import untrained_checkpoint
+
+        checkpoint = untrained_checkpoint(work, args.untrained)
+    res = benchmark(work, n, checkpoint, args.batch_size, quick=args.quick)
     res["machine"].update(platform=platform.platform(), processor=platform.processor() or platform.machine())
     stats = res["end_to_end"].pop("stage_stats", "")
     for k in ("memory_n", "memory_4n", "end_to_end_4n", "end_to_end_2_actors"):
@@ -62,6 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:30} {v:6.2f}  target {'<=' if k.startswith('peak') else '>='} {t}  {'met' if ok else 'NOT met'}")
     if "end_to_end_4n_over_bare_model" in res:
         print(f"{'(end to end at 4N / bare model':30} {res['end_to_end_4n_over_bare_model']:6.2f}  for scale, no target)")
+    w, bd = res["serial_work"], res["bounds"]
+    print(f"\nserial work (1 thread, no framework): extract {w['extract_s']:.1f} s + network {w['network_s']:.1f} s + paste "
+          f"{w['paste_s']:.1f} s = {w['total_s']:.1f} s; over {bd['cores']} cores at best {bd['floor_s']:.1f} s "
+          f"({bd['floor_s_network_on_1_thread']:.1f} s with the network on 1 thread)")
+    print(f"so no flow on this machine exceeds: end to end / bare model {bd['end_to_end_over_bare_model_max']:.2f}, "
+          f"ours / official-style {bd['ours_over_official_style_max']:.2f}")
+    if "gpu" in res:
+        g = res["gpu"]
+        print(f"\nGPU ({g['device']}): bare model " + ", ".join(f"{p} {r['patches_per_s']:.0f}" for p, r in g["bare_model"].items())
+              + f" patches/s; end to end {g['end_to_end']['patches_per_s']:.0f} patches/s "
+              f"(ratio to fp16 bare {g['end_to_end_over_bare_model_fp16']:.2f})")
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"\nwritten to {args.out}")
     return 0
