@@ -34,11 +34,12 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small N (16 images), no actor-scaling run")
     ap.add_argument("--images", type=int, help="N (default 400, or 16 with --quick)")
-    ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--out", default="bench.json", help="JSON results file (default bench.json)")
     ap.add_argument("--checkpoint", help="model (default: the shipped one)")
     ap.add_argument("--untrained", metavar="ARCH", choices=["hrnet18s", "hrnet_lite"],
-                    help="time an untrained network of this architecture at the paper's geometry instead (speed only)")
-    ap.add_argument("--batch-size", type=int, default=64)
+                    help="time an untrained network of this architecture at the paper's geometry instead of the shipped "
+                         "model (speed only)")
+    ap.add_argument("--batch-size", type=int, default=64, help="patches per network batch, all runs (default 64)")
     ap.add_argument("--work", help="working directory for data and outputs (default: a temporary one)")
     args = ap.parse_args(argv)
     from pipeline.benchmark import benchmark
