@@ -1,5 +1,4 @@
 import pickle
-from pathlib import Path
 import subprocess
 import sys
 
@@ -9,8 +8,7 @@ import torch
 
 from bpr_core import BPRConfig, IdentityPatchRefiner, Refiner, load_checkpoint, save_checkpoint
 from bpr_core.model import build_model
-import bpr_core.refiner
-from bpr_core.refiner import NetworkPatchRefiner
+from bpr_core.refiner import DEFAULT_WEIGHTS, NetworkPatchRefiner
 
 from .masks import random_blob_mask
 
@@ -151,7 +149,7 @@ def test_importing_bpr_core_does_not_import_ray():
 def test_precision_is_fp32_on_cpu_by_default_and_bf16_autocast_stays_close():
     """The GPU benchmark compares precisions; on CPU, bf16 autocast must change the arithmetic
     (so the option takes effect) without changing what the shipped model predicts."""
-    ck = load_checkpoint(Path(bpr_core.refiner.DEFAULT_WEIGHTS))
+    ck = load_checkpoint(DEFAULT_WEIGHTS)
     rng = np.random.default_rng(3)
     s = ck.config.crop_size
     img = rng.integers(0, 256, (8, s, s, 3), dtype=np.uint8)
