@@ -8,7 +8,7 @@ Pure numpy/torch/OpenCV/pycocotools; never imports ray. Three lines refine one i
 """
 
 from .config import BPRConfig
-from .patches import boundary_points, crop_patches, float_boundary, paste_patches, propose_patches, square_nms
+from .patches import boundary_points, crop_patches, float_boundary, paste_patches, propose_patches, reassemble, skip_reason, square_nms
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,6 @@ def __getattr__(name):
 
 __all__ = [
     "BPRConfig", "Refiner", "InstanceInfo", "propose_patches", "crop_patches", "paste_patches",
-    "float_boundary", "boundary_points", "square_nms", "NetworkPatchRefiner", "GuidedFilterPatchRefiner",
+    "float_boundary", "boundary_points", "square_nms", "reassemble", "skip_reason", "NetworkPatchRefiner", "GuidedFilterPatchRefiner",
     "IdentityPatchRefiner", "load_checkpoint", "save_checkpoint", "make_patch_refiner", "__version__",
 ]

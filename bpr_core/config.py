@@ -13,7 +13,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-MODEL_NAMES = ("hrnet18s", "hrnet_lite")
+MODEL_NAMES = ("hrnet18s", "hrnet_lite", "efflite0")
+# Image normalisation each network was (pre)trained with: ImageNet mean/std for the HRNets
+# (official img_norm_cfg), (x - 127) / 128 for EfficientNet-Lite (its TF reference).
+# The paper's reassembly: every do-no-harm rule off. Pass as overrides to make_patch_refiner.
+OFFICIAL_RULES = {"min_area": 0, "gate_margin": 0.0, "min_keep_iou": 0.0}
+NORMALISATION = {"efflite0": ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))}
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,14 @@ class BPRConfig:
     # Instances whose coarse mask has fewer pixels than this are passed through unchanged
     # (reason "too_small"). 0 refines everything that has a boundary.
     min_area: int = 0
+    # Do-no-harm rules (ours, not the paper's; 0 = the official behaviour). A pixel leaves its
+    # coarse value only where the averaged patch probability is beyond threshold +- gate_margin
+    # (the network must be sure to overrule the detector); a refined instance is kept only if its
+    # IoU with the coarse mask is at least min_keep_iou (refinement corrects boundaries, it does
+    # not redraw objects), else it passes through with reason "change_rejected". Checkpoints
+    # carry values calibrated on dev-validation (README, `jobs.calibrate`).
+    gate_margin: float = 0.0
+    min_keep_iou: float = 0.0
     # ImageNet normalisation of the image channels (official img_norm_cfg).
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)
@@ -47,6 +60,12 @@ class BPRConfig:
             raise ValueError(f"context_pad must be >= 0, got {self.context_pad}")
         if self.mask_resize not in ("nearest", "bilinear"):
             raise ValueError(f"mask_resize must be 'nearest' or 'bilinear', got {self.mask_resize!r}")
+        if not 0.0 <= self.gate_margin < 0.5:
+            raise ValueError(f"gate_margin must be in [0, 0.5), got {self.gate_margin}")
+        if not 0.0 <= self.min_keep_iou <= 1.0:
+            raise ValueError(f"min_keep_iou must be in [0, 1], got {self.min_keep_iou}")
+        if self.min_area < 0:
+            raise ValueError(f"min_area must be >= 0, got {self.min_area}")
         if self.model not in MODEL_NAMES:
             raise ValueError(f"model must be one of {MODEL_NAMES}, got {self.model!r}")
 

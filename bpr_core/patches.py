@@ -160,6 +160,9 @@ def paste_patches(coarse: np.ndarray, boxes: np.ndarray, probs: np.ndarray, conf
     `probs` is (K, S, S) foreground probability at crop size, float in [0, 1] or uint8 in [0, 255].
     The central patch_size square of each is averaged per pixel over all patches covering it and
     thresholded (> config.threshold); pixels no patch covers keep the coarse value bit for bit.
+    With config.gate_margin m > 0 a covered pixel becomes foreground only where the mean is above
+    threshold + m, background only where it is below threshold - m, and keeps its coarse value in
+    between (an unsure network never overrules the detector).
     """
     coarse = np.asarray(coarse, dtype=bool)
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
@@ -182,6 +185,39 @@ def paste_patches(coarse: np.ndarray, boxes: np.ndarray, probs: np.ndarray, conf
     counts = np.bincount(flat[valid], minlength=rh * rw)
     covered = counts > 0
     region = out[y0:y1, x0:x1].reshape(-1)
-    region[covered] = sums[covered] > config.threshold * scale * counts[covered]
+    m = config.gate_margin
+    if m <= 0:
+        region[covered] = sums[covered] > config.threshold * scale * counts[covered]
+    else:
+        s, n = sums[covered], counts[covered]
+        on = s > (config.threshold + m) * scale * n
+        off = s < (config.threshold - m) * scale * n
+        region[covered] = np.where(on, True, np.where(off, False, region[covered]))
     out[y0:y1, x0:x1] = region.reshape(rh, rw)
     return out
+
+
+def skip_reason(area: int, config: BPRConfig) -> str:
+    """Why an instance with a coarse mask of `area` pixels is not refined at all ("" = refine it)."""
+    if area == 0:
+        return "empty"
+    if area < config.min_area:
+        return "too_small"
+    return ""
+
+
+def reassemble(coarse: np.ndarray, boxes: np.ndarray, probs: np.ndarray, config: BPRConfig = BPRConfig()) -> tuple[np.ndarray, str]:
+    """Paste one instance's refined patches and apply the per-instance acceptance rule.
+
+    Returns (mask, reason): reason "" when the refined mask is kept, "change_rejected" when its
+    IoU with the coarse mask is below config.min_keep_iou, in which case the mask returned is the
+    coarse one, bit for bit.
+    """
+    coarse = np.asarray(coarse, dtype=bool)
+    out = paste_patches(coarse, boxes, probs, config)
+    if config.min_keep_iou > 0:
+        inter = np.count_nonzero(out & coarse)
+        union = np.count_nonzero(out | coarse)
+        if union and inter < config.min_keep_iou * union:
+            return coarse.copy(), "change_rejected"
+    return out, ""

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from .config import BPRConfig
 from .model import RefineNet, build_model
-from .patches import crop_patches, paste_patches, propose_patches
+from .preprocess import normalise, to_network_inputs
+from .patches import crop_patches, propose_patches, reassemble, skip_reason
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
 CHECKPOINT_FORMAT = "bpr-checkpoint/1"
@@ -99,24 +100,12 @@ class NetworkPatchRefiner:
         self.precision, self.amp_dtype = precision, PRECISIONS[precision]
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self._mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1)
 
     def prepare(self, image_patches, mask_patches) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (K,S,S,3) and (K,S,S) numpy/tensors -> normalised network inputs at input_size."""
-        cfg = self.config
-        img = torch.as_tensor(image_patches).to(self.device, non_blocking=True)
-        msk = torch.as_tensor(mask_patches).to(self.device, non_blocking=True)
-        img = img.permute(0, 3, 1, 2).float()
-        msk = (msk > 0).float().unsqueeze(1)
-        size = (cfg.input_size, cfg.input_size)
-        if img.shape[-1] != cfg.input_size:
-            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
-            if cfg.mask_resize == "nearest":
-                msk = F.interpolate(msk, size=size, mode="nearest")
-            else:
-                msk = (F.interpolate(msk, size=size, mode="bilinear", align_corners=False) > 0.5).float()
-        img = (img - self._mean) / self._std
+        """uint8 (K,S,S,3) and (K,S,S) numpy/tensors -> normalised network inputs at input_size
+        (the same path training uses, `bpr_core.preprocess`)."""
+        img, msk, _ = to_network_inputs(image_patches, mask_patches, self.config, self.device)
+        img = normalise(img, self.config)
         if self.device.type == "cuda":
             img = img.contiguous(memory_format=torch.channels_last)
         return img, msk
@@ -179,12 +168,42 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(model=model, config=config, model_card=dict(blob.get("model_card") or {}))
 
 
-def make_patch_refiner(method: str = "network", checkpoint: str | Path | None = None, device: str = "auto", config: BPRConfig | None = None,
-                       precision: str = "auto") -> tuple[PatchRefiner, BPRConfig, dict]:
+# Fields a checkpoint owns: the geometry and input normalisation it was trained with.
+CHECKPOINT_OWNED = ("model", "input_size", "mean", "std", "mask_resize", "patch_size", "context_pad")
+
+
+def resolve_config(checkpoint_config: BPRConfig, config: BPRConfig | dict | None, where: str) -> BPRConfig:
+    """The config in force for a network checkpoint.
+
+    The checkpoint owns its geometry (CHECKPOINT_OWNED): a dict of overrides may repeat those
+    values but not change them, and a full BPRConfig must agree on patch_size and context_pad
+    (its model/input/normalisation fields are replaced by the checkpoint's). Everything else
+    (proposal NMS, threshold, min_area, the do-no-harm rules) is the caller's where given.
+    """
+    if config is None:
+        return checkpoint_config
+    if isinstance(config, dict):
+        bad = {k: v for k, v in config.items() if k in CHECKPOINT_OWNED and v is not None
+               and BPRConfig.from_dict({**checkpoint_config.to_dict(), k: v}).to_dict()[k] != checkpoint_config.to_dict()[k]}
+        if bad:
+            k = sorted(bad)[0]
+            raise ValueError(f"{where} was trained with {k}={checkpoint_config.to_dict()[k]!r}; {k}={bad[k]!r} was asked for. "
+                             "The checkpoint owns its patch geometry: drop the option, or train a model with it")
+        return BPRConfig.from_dict({**checkpoint_config.to_dict(), **{k: v for k, v in config.items() if v is not None}})
+    for k in ("patch_size", "context_pad"):
+        if getattr(config, k) != getattr(checkpoint_config, k):
+            raise ValueError(f"{where} was trained with {k}={getattr(checkpoint_config, k)}; the config asks for "
+                             f"{k}={getattr(config, k)}. The checkpoint owns its patch geometry")
+    return config.replace(**{k: getattr(checkpoint_config, k) for k in CHECKPOINT_OWNED})
+
+
+def make_patch_refiner(method: str = "network", checkpoint: str | Path | None = None, device: str = "auto",
+                       config: BPRConfig | dict | None = None, precision: str = "auto") -> tuple[PatchRefiner, BPRConfig, dict]:
     """Build a patch refiner by name. Returns (refiner, config in force, model card).
 
-    For "network" the config comes from the checkpoint (the geometry the model was trained with);
-    `checkpoint=None` means the model shipped in bpr_core/weights/.
+    For "network" the config comes from the checkpoint (see `resolve_config`: the geometry it was
+    trained with and its calibrated do-no-harm rules); `config` may be a dict of explicit
+    overrides or a full BPRConfig. `checkpoint=None` means the model shipped in bpr_core/weights/.
     """
     if method == "network":
         ckpt = Path(checkpoint) if checkpoint is not None else DEFAULT_WEIGHTS
@@ -194,13 +213,14 @@ def make_patch_refiner(method: str = "network", checkpoint: str | Path | None = 
                 "or choose the non-learned baseline with method='guided-filter'"
             )
         loaded = load_checkpoint(ckpt)
-        cfg = loaded.config
-        if config is not None:  # geometry is the checkpoint's; proposal/reassembly may be overridden
-            cfg = config.replace(model=cfg.model, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std, mask_resize=cfg.mask_resize)
+        cfg = resolve_config(loaded.config, config, f"checkpoint {ckpt}")
         card = dict(loaded.model_card)
         card.setdefault("name", ckpt.stem)
         return NetworkPatchRefiner(loaded.model, cfg, device, name=f"network:{card['name']}", precision=precision), cfg, card
-    cfg = config or BPRConfig()
+    if isinstance(config, dict):
+        cfg = BPRConfig.from_dict({k: v for k, v in config.items() if v is not None})
+    else:
+        cfg = config or BPRConfig()
     if method == "guided-filter":
         return GuidedFilterPatchRefiner(), cfg, {"name": "guided-filter", "version": "1"}
     if method == "identity":
@@ -214,7 +234,9 @@ def make_patch_refiner(method: str = "network", checkpoint: str | Path | None = 
 @dataclass
 class InstanceInfo:
     num_patches: int
-    reason: str  # "refined", or why it was passed through: "empty", "too_small", "no_boundary"
+    # "refined", or why it was passed through: "empty", "too_small", "no_boundary", or
+    # "change_rejected" (the do-no-harm acceptance rule kept the coarse mask)
+    reason: str
 
 
 class Refiner:
@@ -224,12 +246,13 @@ class Refiner:
     >>> refined = refiner.refine(image, masks)            # HxWx3 uint8, NxHxW bool -> NxHxW bool
     """
 
-    def __init__(self, checkpoint: str | Path | None = None, config: BPRConfig | None = None, device: str = "auto",
+    def __init__(self, checkpoint: str | Path | None = None, config: BPRConfig | dict | None = None, device: str = "auto",
                  method: str | PatchRefiner = "network", batch_size: int = 64):
         if isinstance(method, str):
             self.patch_refiner, self.config, self.model_card = make_patch_refiner(method, checkpoint, device, config)
         else:
-            self.patch_refiner, self.config, self.model_card = method, config or BPRConfig(), {"name": method.name}
+            cfg = BPRConfig.from_dict(config) if isinstance(config, dict) else (config or BPRConfig())
+            self.patch_refiner, self.config, self.model_card = method, cfg, {"name": method.name}
         self.batch_size = batch_size
 
     def refine(self, image: np.ndarray, masks: np.ndarray, return_info: bool = False):
@@ -244,13 +267,9 @@ class Refiner:
         cfg = self.config
         per_inst_boxes, infos, img_p, msk_p = [], [], [], []
         for m in masks:
-            area = int(m.sum())
             boxes = np.zeros((0, 4), dtype=np.int64)
-            if area == 0:
-                reason = "empty"
-            elif area < cfg.min_area:
-                reason = "too_small"
-            else:
+            reason = skip_reason(int(m.sum()), cfg)
+            if not reason:
                 boxes = propose_patches(m, cfg)
                 reason = "refined" if len(boxes) else "no_boundary"
             per_inst_boxes.append(boxes)
@@ -269,6 +288,8 @@ class Refiner:
             for n, boxes in enumerate(per_inst_boxes):
                 k = len(boxes)
                 if k:
-                    out[n] = paste_patches(masks[n], boxes, probs[start : start + k], cfg)
+                    out[n], rejected = reassemble(masks[n], boxes, probs[start : start + k], cfg)
+                    if rejected:
+                        infos[n].reason = rejected
                     start += k
         return (out, infos) if return_info else out

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .config import BPRConfig
 from .patches import crop_patches, propose_patches
+from .preprocess import normalise, to_network_inputs  # noqa: F401  (normalise is part of this module's API)
 
 
 def match_gt(coarse: np.ndarray, gts: list[np.ndarray], min_iou: float = 0.5) -> tuple[int, float]:
@@ -128,19 +129,6 @@ class PatchMetrics:
 
 
 def to_inputs(batch: dict, config: BPRConfig, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 batch {img BxSxSx3, msk BxSxS, gt BxSxS} -> float img Bx3xIxI in [0,255], msk, gt Bx1xIxI."""
-    img = torch.as_tensor(batch["img"]).to(device).permute(0, 3, 1, 2).float()
-    msk = (torch.as_tensor(batch["msk"]).to(device) > 0).float().unsqueeze(1)
-    gt = (torch.as_tensor(batch["gt"]).to(device) > 0).float().unsqueeze(1)
-    size = (config.input_size, config.input_size)
-    if img.shape[-1] != config.input_size:
-        img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
-        msk = F.interpolate(msk, size=size, mode="nearest")
-        gt = F.interpolate(gt, size=size, mode="nearest")
-    return img, msk, gt
-
-
-def normalise(img: torch.Tensor, config: BPRConfig) -> torch.Tensor:
-    mean = torch.tensor(config.mean, device=img.device).view(1, 3, 1, 1)
-    std = torch.tensor(config.std, device=img.device).view(1, 3, 1, 1)
-    return (img - mean) / std
+    """uint8 batch {img BxSxSx3, msk BxSxS, gt BxSxS} -> float img Bx3xIxI in [0,255], msk, gt Bx1xIxI
+    (the shared preprocessing path, `bpr_core.preprocess`)."""
+    return to_network_inputs(batch["img"], batch["msk"], config, device, batch["gt"])

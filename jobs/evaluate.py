@@ -32,12 +32,13 @@ def _ap(v: float) -> str:
 
 
 def format_table(report: dict) -> str:
-    cols = ["results"] + [f"mask {k}" for k in ("AP", "AP50", "AP75")] + [f"bnd {k}" for k in ("AP", "AP50", "AP75")] + ["APs", "APm", "APl", "dIoU", "improved", "worse>2"]
+    cols = (["results"] + [f"mask {k}" for k in ("AP", "AP50", "AP75")] + [f"bnd {k}" for k in ("AP", "AP50", "AP75")]
+            + ["APs", "APm", "APl", "bnd APs", "bnd APm", "bnd APl", "dIoU", "improved", "worse>2"])
     rows = []
     for name, r in report["results"].items():
         ch = r.get("iou_change") or {}
         rows.append([name] + [_ap(r["mask"][k]) for k in ("AP", "AP50", "AP75")] + [_ap(r["boundary"][k]) for k in ("AP", "AP50", "AP75")]
-                    + [_ap(r["mask"][k]) for k in ("APs", "APm", "APl")]
+                    + [_ap(r["mask"][k]) for k in ("APs", "APm", "APl")] + [_ap(r["boundary"][k]) for k in ("APs", "APm", "APl")]
                     + ([f"{100 * ch['mean_change']:+.2f}", f"{100 * ch['frac_improved']:.0f}%", f"{100 * ch['frac_worsened_gt_2pts']:.0f}%"] if ch.get("instances") else ["", "", ""]))
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda vals: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731

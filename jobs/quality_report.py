@@ -1,11 +1,17 @@
-"""Quality report: coarse input vs the guided-filter baseline vs the BPR model on held-out data.
+"""Quality report: coarse input vs the guided-filter baseline vs the BPR model on held-out sets.
 
     python -m jobs.quality_report [--out quality_report] [--checkpoint model.pt] [--images 100]
 
-Held-out sets: a synthetic test split (seed 300, never used in training or model selection) and,
-where ../shared/data/pennfudan exists, Penn-Fudan's validation split with Mask R-CNN-like coarse
-masks (seed 0). Each refiner runs through `jobs.refine`; `jobs.evaluate` gives mask AP, Boundary
-AP and per-instance IoU change. Prints one table per set and writes OUT/report.json.
+Sets: a synthetic test split (seed 300, never used in training or model selection) and, where
+../shared/data exists, the dev-validation sets (never trained on; the model and its do-no-harm
+rules were selected on them): coco-train's validation split with Mask R-CNN-style coarse masks
+(28x28 recipe, seed 0), the real detector masks of detections_real.json on their 43 photos,
+ccp-persons' validation split (28x28 recipe) and Penn-Fudan's validation split (its own
+preparation, seed 0). Each refiner runs through `jobs.refine`; the BPR model runs twice, with its
+calibrated do-no-harm rules (the default) and with the paper's reassembly (`--official`).
+`jobs.evaluate` gives mask AP and Boundary AP, overall and per object size (S/M/L), and the
+per-instance IoU change (share improved, share worse by more than 2 IoU points). Prints one table
+per set and writes OUT/report.json.
 """
 
 from __future__ import annotations
@@ -17,9 +23,39 @@ from pathlib import Path
 
 from . import evaluate, refine
 from ._cli import run_main
-from .prepare_pennfudan import DEFAULT_SRC, prepare
+from .prepare_data import SHARED, coco_photos, ccp_photos, write_data_dir, write_real_detections
+from .prepare_pennfudan import prepare
 
 TEST_SEED = 300
+RUNS = (("guided filter", "guided-filter", []), ("BPR, official reassembly", "network", ["--official"]),
+        ("BPR model", "network", []))
+
+
+def dev_val_sets(shared: Path, out: Path) -> dict[str, Path]:
+    """Write (once) the dev-validation data directories under OUT; skip what ../shared lacks."""
+    sets = {}
+    if (shared / "coco-train" / "instances.json").is_file():
+        d = out / "coco-val"
+        if not (d / "coarse.json").exists():
+            image_dir, photos, cats = coco_photos(shared, "val")
+            write_data_dir(d, image_dir, photos, cats, "maskrcnn28", 0, progress=False)
+        sets["coco-train val, 28x28 coarse"] = d
+        d = out / "coco-real"
+        if not (d / "coarse.json").exists():
+            write_real_detections(shared, d)
+        sets["coco-train, real detector masks"] = d
+    if (shared / "ccp-persons" / "masks").is_dir():
+        d = out / "ccp-val"
+        if not (d / "coarse.json").exists():
+            image_dir, photos, cats = ccp_photos(shared, "val")
+            write_data_dir(d, image_dir, photos, cats, "maskrcnn28", 0, progress=False)
+        sets["ccp-persons val, 28x28 coarse"] = d
+    if (shared / "pennfudan" / "PNGImages").is_dir():
+        d = out / "pennfudan-val"
+        if not (d / "coarse.json").exists():
+            prepare(shared / "pennfudan", d, "val", seed=0)
+        sets["Penn-Fudan val"] = d
+    return sets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="quality_report")
     ap.add_argument("--checkpoint", help="model to evaluate (default: the shipped model)")
     ap.add_argument("--images", type=int, default=100, help="synthetic test images (default 100)")
-    ap.add_argument("--pennfudan", default=str(DEFAULT_SRC), help="Penn-Fudan root (skipped if absent)")
+    ap.add_argument("--shared", default=str(SHARED), help=f"the shared data folder (default {SHARED}); sets it lacks are skipped")
+    ap.add_argument("--only", nargs="+", help="run only the sets whose name contains one of these words")
     args = ap.parse_args(argv)
     from bpr_core.synthetic import write_dataset
 
@@ -38,24 +75,25 @@ def main(argv: list[str] | None = None) -> int:
     if not (syn / "coarse.json").exists():
         write_dataset(syn, args.images, seed=TEST_SEED)
     sets["synthetic test (seed 300)"] = syn
-    if (Path(args.pennfudan) / "PNGImages").is_dir():
-        pf = out / "pennfudan-val"
-        prepare(Path(args.pennfudan), pf, "val", seed=0)
-        sets["Penn-Fudan val"] = pf
+    shared = Path(args.shared)
+    if not shared.is_dir():
+        print(f"note: {shared} not found; the real-photo sets are skipped", file=sys.stderr)
     else:
-        print(f"note: {args.pennfudan} not found; the real-image set is skipped", file=sys.stderr)
+        sets.update(dev_val_sets(shared, out))
+    if args.only:
+        sets = {k: v for k, v in sets.items() if any(w.lower() in k.lower() for w in args.only)}
     report = {}
     for name, d in sets.items():
         files, names = [str(d / "coarse.json")], ["coarse"]
-        for method in ("guided-filter", "network"):
-            target = out / "runs" / d.name / method
+        for label, method, flags in RUNS:
+            target = out / "runs" / d.name / (method + ("-official" if flags else ""))
             extra = ["--checkpoint", args.checkpoint] if (method == "network" and args.checkpoint) else []
             code = refine.main(["--images", str(d / "images"), "--coarse", str(d / "coarse.json"), "--image-info",
-                                str(d / "annotations.json"), "--out", str(target), "--refiner", method, *extra])
+                                str(d / "annotations.json"), "--out", str(target), "--refiner", method, *extra, *flags])
             if code:
                 return code
             files.append(str(target / "refined.json"))
-            names.append("BPR model" if method == "network" else method)
+            names.append(label)
         rep = evaluate.evaluate_files(str(d / "annotations.json"), files, names)
         report[name] = rep
         print(f"\n== {name} ==\n" + evaluate.format_table(rep))

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from bpr_core import BPRConfig
+from bpr_core.config import OFFICIAL_RULES
 from bpr_core.formats import InputError
 from bpr_core.refiner import DEFAULT_WEIGHTS
 
@@ -44,12 +45,20 @@ def build_parser(prog: str = "python -m jobs.refine", doc: str = __doc__, coarse
                    help="network (default when a model is available), guided-filter (non-learned baseline), "
                         "identity (returns the coarse masks; for checks)")
     m.add_argument("--checkpoint", help=f"model checkpoint (default: the shipped model, {DEFAULT_WEIGHTS.name})")
-    c = ap.add_argument_group("algorithm (defaults: the official BPR config)")
+    c = ap.add_argument_group("algorithm (defaults: the checkpoint's own config; BPRConfig's for the other refiners)")
     d = BPRConfig()
-    c.add_argument("--patch-size", type=int, default=d.patch_size, help=f"patch side in px (default {d.patch_size})")
-    c.add_argument("--nms-iou", type=float, default=d.nms_iou, help=f"patch NMS IoU (default {d.nms_iou})")
-    c.add_argument("--context-pad", type=int, default=d.context_pad, help="context pixels around each patch (default 0)")
-    c.add_argument("--min-area", type=int, default=d.min_area, help="pass through instances smaller than this (default 0)")
+    c.add_argument("--patch-size", type=int, help=f"patch side in px; a network uses its checkpoint's and refuses another (else {d.patch_size})")
+    c.add_argument("--nms-iou", type=float, help=f"patch NMS IoU (default {d.nms_iou})")
+    c.add_argument("--context-pad", type=int, help="context pixels around each patch; a network uses its checkpoint's (else 0)")
+    c.add_argument("--min-area", type=int, help="pass through instances smaller than this many pixels (default: the checkpoint's)")
+    c.add_argument("--gate-margin", type=float,
+                   help="do-no-harm: a pixel leaves its coarse value only where the patch probability is beyond 0.5 +- this "
+                        "(default: the checkpoint's calibrated value; 0 = official)")
+    c.add_argument("--min-keep-iou", type=float,
+                   help="do-no-harm: keep a refined instance only if its IoU with the coarse mask is at least this "
+                        "(default: the checkpoint's calibrated value; 0 = official)")
+    c.add_argument("--official", action="store_true",
+                   help="the paper's reassembly: all do-no-harm rules off (min-area, gate-margin, min-keep-iou = 0)")
     r = ap.add_argument_group("execution")
     r.add_argument("--visualize", type=int, default=0, metavar="N",
                    help="write N before/after overlay PNGs (coarse red, refined green, patches yellow) to OUT/visualize/")
@@ -89,10 +98,23 @@ def choose_refiner(args) -> str:
     return "guided-filter"
 
 
+def config_overrides(args) -> dict:
+    """The algorithm options given on the command line, and only those: everything else comes from
+    the checkpoint (a network owns its patch geometry and its calibrated do-no-harm rules)."""
+    given = {"patch_size": args.patch_size, "nms_iou": args.nms_iou, "context_pad": args.context_pad, "min_area": args.min_area,
+             "gate_margin": args.gate_margin, "min_keep_iou": args.min_keep_iou}
+    if args.official:
+        for k, v in OFFICIAL_RULES.items():
+            if given[k] not in (None, 0):
+                raise InputError(f"--official turns the do-no-harm rules off; drop --{k.replace('_', '-')}")
+            given[k] = v
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def options_from_args(args):
     from pipeline.refine_job import RefineOptions
 
-    cfg = BPRConfig(patch_size=args.patch_size, nms_iou=args.nms_iou, context_pad=args.context_pad, min_area=args.min_area)
+    cfg = config_overrides(args)
     return RefineOptions(images=args.images, coarse=getattr(args, "coarse", None) or "", image_info=args.image_info,
                          out=args.out, method=choose_refiner(args), checkpoint=args.checkpoint, config=cfg,
                          shard_size=args.shard_size, batch_size=args.batch_size, refine_actors=args.refine_actors,

@@ -26,6 +26,7 @@ import torch
 from bpr_core import BPRConfig, crop_patches, paste_patches, propose_patches
 from bpr_core import rle as rle_utils
 from bpr_core.formats import load_image_index, read_results_json, row_to_result
+from bpr_core.config import OFFICIAL_RULES
 from bpr_core.refiner import make_patch_refiner
 from bpr_core.training import match_gt
 from bpr_core.synthetic import write_dataset
@@ -72,7 +73,7 @@ def serial_work(d: Path, checkpoint: str | None, network_s: float) -> dict:
     cv2.setNumThreads(1)
     try:
         torch.set_num_threads(1)
-        refiner, cfg, _ = make_patch_refiner("network", checkpoint, "cpu")
+        refiner, cfg, _ = make_patch_refiner("network", checkpoint, "cpu", OFFICIAL_RULES)
         t = time.perf_counter()
         imgs, msks, instances = all_patches(d, cfg, keep_instances=True)
         extract_s = time.perf_counter() - t
@@ -106,7 +107,7 @@ def bare_model(d: Path, checkpoint: str | None, batch_size: int, threads: int, d
     """The limit: the network alone over pre-made uint8 batches (preprocessing on the device and the
     copies to and from it included, as in the pipeline's refinement actors)."""
     torch.set_num_threads(threads)
-    refiner, cfg, card = make_patch_refiner("network", checkpoint, device, precision=precision)
+    refiner, cfg, card = make_patch_refiner("network", checkpoint, device, OFFICIAL_RULES, precision=precision)
     imgs, msks = all_patches(d, cfg)
     batches = [(imgs[i : i + batch_size], msks[i : i + batch_size]) for i in range(0, len(imgs), batch_size)]
     refiner.predict(*batches[0])  # warm-up
@@ -124,13 +125,14 @@ def bare_model(d: Path, checkpoint: str | None, batch_size: int, threads: int, d
 def end_to_end(d: Path, out: Path, checkpoint: str | None, batch_size: int, refine_actors: int = 1,
                shard_size: int | None = None, device: str = "cpu") -> dict:
     """`jobs.refine` with its defaults (shard size, shards in flight, CPUs per actor), on `device`
-    (cpu unless asked: the CPU runs must not move to a GPU where the machine has one)."""
+    (cpu unless asked: the CPU runs must not move to a GPU where the machine has one). The
+    do-no-harm rules are off here (OFFICIAL_RULES), so every flow does the official work."""
     extra = {"shard_size": shard_size} if shard_size else {}
     if out.exists():
         shutil.rmtree(out)
     opts = RefineOptions(images=str(d / "images"), coarse=str(d / "coarse.json"), image_info=str(d / "annotations.json"),
                          out=str(out), method="network", checkpoint=checkpoint, batch_size=batch_size,
-                         refine_actors=refine_actors, device=device, **extra)
+                         refine_actors=refine_actors, device=device, config=dict(OFFICIAL_RULES), **extra)
     with PeakRSS() as mem:
         t = time.perf_counter()
         m = run(opts)
@@ -188,7 +190,7 @@ def official_style(d: Path, work: Path, checkpoint: str | None, batch_size: int,
         shutil.rmtree(work)
     for sub in ("img", "mask", "gt", "detail"):
         (work / sub).mkdir(parents=True)
-    refiner, cfg, _ = make_patch_refiner("network", checkpoint, "cpu")
+    refiner, cfg, _ = make_patch_refiner("network", checkpoint, "cpu", OFFICIAL_RULES)
     index = load_image_index(d / "annotations.json")
     rows = read_results_json(d / "coarse.json")
     coco = load_coco_gt(d / "annotations.json")

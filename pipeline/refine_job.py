@@ -54,7 +54,7 @@ class RefineOptions:
     out: str
     method: str = "network"
     checkpoint: str | None = None
-    config: BPRConfig = field(default_factory=BPRConfig)
+    config: BPRConfig | dict = field(default_factory=BPRConfig)  # a dict holds explicit overrides only
     shard_size: int = 1000  # measured: 1,600 images took 42 s in shards of 200, 30 s in shards of 1,000 (README)
     batch_size: int = 64
     refine_actors: int = 1
@@ -97,6 +97,18 @@ def check_inputs(opts: RefineOptions) -> None:
     storage.check_readable(opts.image_info, "image index")
     storage.check_readable(opts.coarse, "coarse results")
     storage.check_readable(opts.images, "images")
+    check_model(opts)
+
+
+def check_model(opts: RefineOptions) -> None:
+    """Load the checkpoint and resolve the config once, so a missing, foreign or conflicting
+    checkpoint (e.g. --patch-size against the checkpoint's) is one clear error before Ray starts."""
+    from bpr_core.formats import InputError
+
+    try:
+        make_patch_refiner(opts.method, opts.checkpoint, "cpu", opts.config)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(str(e)) from e
 
 
 class ShardSpill:

@@ -16,7 +16,7 @@ import os
 import cv2
 import numpy as np
 
-from bpr_core import BPRConfig, crop_patches, paste_patches, propose_patches
+from bpr_core import BPRConfig, crop_patches, propose_patches, reassemble, skip_reason
 from bpr_core import rle as rle_utils
 
 from .storage import read_bytes, resolve
@@ -86,12 +86,9 @@ class ExtractPatches:
             except Exception as e:
                 emit(i, "quarantined", f"invalid RLE for image_id {batch['image_id'][i]} instance {batch['instance_id'][i]}: {e}")
                 continue
-            area = int(mask.sum())
-            if area == 0:
-                emit(i, "passed_through", "empty")
-                continue
-            if area < cfg.min_area:
-                emit(i, "passed_through", "too_small")
+            skip = skip_reason(int(mask.sum()), cfg)
+            if skip:
+                emit(i, "passed_through", skip)
                 continue
             boxes = propose_patches(mask, cfg)
             if len(boxes) == 0:
@@ -184,9 +181,12 @@ def reassemble_instance(group: dict, cfg: BPRConfig, model_name: str, model_vers
         coarse = rle_utils.decode(coarse_rle)
         coarse_area = refined_area = int(coarse.sum())
         if npatch:
-            refined = paste_patches(coarse, group["box"][has], group["prob"][has], cfg)
-            counts = rle_utils.encode(refined)["counts"]
-            refined_area = int(refined.sum())
+            refined, rejected = reassemble(coarse, group["box"][has], group["prob"][has], cfg)
+            if rejected:
+                status, reason = "passed_through", rejected
+            else:
+                counts = rle_utils.encode(refined)["counts"]
+                refined_area = int(refined.sum())
     row = {**first, "rle_counts": counts, "status": status, "reason": reason, "coarse_area": coarse_area,
            "refined_area": refined_area, "num_patches": npatch, "model_name": model_name,
            "model_version": model_version, "config_hash": config_hash}

@@ -129,3 +129,27 @@ def test_visualize_draws_the_first_images_with_refined_instances(ray_session, tm
     for p, image_id in zip(written, first):
         pic = cv2.imread(p)
         assert pic is not None and pic.shape[:2] == (2 * sizes[image_id][0], 2 * sizes[image_id][1])
+
+
+def test_do_no_harm_acceptance_passes_redrawn_instances_through_bit_for_bit(ray_session, tmp_path, synth30):
+    """A network that inverts every mask, under --min-keep-iou: every instance the acceptance rule
+    rejects comes out as its coarse mask, bit for bit, with status passed_through and the reason."""
+    import torch
+
+    from bpr_core import BPRConfig, save_checkpoint
+    from bpr_core.model import build_model
+
+    net = build_model("hrnet_lite")
+    with torch.no_grad():
+        net.mask_scale.fill_(-40.0)  # logits dominated by the inverted coarse mask
+    ckpt = tmp_path / "inverter.pt"
+    save_checkpoint(ckpt, net, BPRConfig(model="hrnet_lite", input_size=64), {"name": "inverter", "version": "t"})
+    m = run(_opts(synth30, tmp_path / "out", method="network", checkpoint=str(ckpt), config={"min_keep_iou": 0.5}))
+    coarse = json.loads((synth30 / "coarse.json").read_text())
+    refined = json.loads((tmp_path / "out" / "refined.json").read_text())
+    assert m["invariant"]["ok"] and m["config"]["min_keep_iou"] == 0.5
+    assert [r["segmentation"] for r in refined] == [c["segmentation"] for c in coarse]
+    parts = pq.read_table(tmp_path / "out" / "parts").to_pylist()
+    rejected = [p for p in parts if p["reason"] == "change_rejected"]
+    assert len(rejected) > 0.9 * len(coarse) and all(p["status"] == "passed_through" for p in rejected)
+    assert all(p["num_patches"] > 0 and p["refined_area"] == p["coarse_area"] for p in rejected)
