@@ -14,6 +14,7 @@ mask to a plausible detector output:
   annotation tools give;
 - `parts`: a missing part (an ellipse bitten out of the boundary), an extra bulge, or a hole;
 - `boxclip`: the mask cut by a box that is too tight on one or two sides;
+- `shift`: the mask translated by a few pixels (a misaligned RoI or box offset);
 - `identity`: the ground truth itself, so the network learns to leave good boundaries alone.
 
 `MIXTURE` weights them for training; `make_coarse(mask, rng)` draws one recipe per instance.
@@ -27,12 +28,12 @@ import numpy as np
 
 from .synthetic import Degradation, degrade_mask
 
-RECIPES = ("maskrcnn28", "grid14", "quarter", "morph", "polygon", "parts", "boxclip", "identity")
+RECIPES = ("maskrcnn28", "grid14", "quarter", "morph", "polygon", "parts", "boxclip", "shift", "identity")
 
 # Training mixture (weights sum to 1). The 28x28 family gets the largest share because Mask R-CNN
 # style heads are the commonest input; identity is 10%, enough for "leave it alone" to be learned.
-MIXTURE = {"maskrcnn28": 0.30, "grid14": 0.10, "quarter": 0.15, "morph": 0.10, "polygon": 0.10,
-           "parts": 0.10, "boxclip": 0.05, "identity": 0.10}
+MIXTURE = {"maskrcnn28": 0.25, "grid14": 0.10, "quarter": 0.15, "morph": 0.10, "polygon": 0.10,
+           "parts": 0.10, "boxclip": 0.05, "shift": 0.05, "identity": 0.10}
 
 
 def _maskrcnn28(mask, rng):
@@ -118,8 +119,18 @@ def _boxclip(mask, rng):
     return out
 
 
+def _shift(mask, rng):
+    ys, xs = np.nonzero(mask)
+    side = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+    d = rng.normal(0, 0.04 * side, 2)
+    d = np.where(np.abs(d) < 1, np.sign(d + 1e-9), d)  # at least one pixel on each axis
+    h, w = mask.shape
+    a = np.array([[1, 0, d[0]], [0, 1, d[1]]], np.float32)
+    return cv2.warpAffine(mask.astype(np.uint8), a, (w, h), flags=cv2.INTER_NEAREST, borderValue=0).astype(bool)
+
+
 _FUNCS = {"maskrcnn28": _maskrcnn28, "grid14": _grid14, "quarter": _quarter, "morph": _morph, "polygon": _polygon,
-          "parts": _parts, "boxclip": _boxclip, "identity": lambda m, rng: m.copy()}
+          "parts": _parts, "boxclip": _boxclip, "shift": _shift, "identity": lambda m, rng: m.copy()}
 
 
 def apply_recipe(mask: np.ndarray, recipe: str, rng: np.random.Generator) -> np.ndarray:

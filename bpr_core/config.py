@@ -46,6 +46,9 @@ class BPRConfig:
     # carry values calibrated on dev-validation (README, `jobs.calibrate`).
     gate_margin: float = 0.0
     min_keep_iou: float = 0.0
+    # Test-time augmentation: average the network's probabilities over the patch and its mirror
+    # image (ours; twice the network work).
+    tta_flip: bool = False
     # ImageNet normalisation of the image channels (official img_norm_cfg).
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)

@@ -113,16 +113,21 @@ class NetworkPatchRefiner:
     @torch.inference_mode()
     def predict_tensor(self, image_patches, mask_patches) -> torch.Tensor:
         img, msk = self.prepare(image_patches, mask_patches)
+        prob = self._forward(img, msk)
+        if self.config.tta_flip:  # mean with the mirrored patch's prediction, mirrored back
+            prob = 0.5 * (prob + self._forward(img.flip(-1), msk.flip(-1)).flip(-1))
+        s = self.config.crop_size
+        if prob.shape[-1] != s:
+            prob = F.interpolate(prob, size=(s, s), mode="bilinear", align_corners=False)
+        return prob[:, 0]
+
+    def _forward(self, img: torch.Tensor, msk: torch.Tensor) -> torch.Tensor:
         if self.amp_dtype is None:
             logits = self.model(img, msk)
         else:
             with torch.autocast(self.device.type, dtype=self.amp_dtype):
                 logits = self.model(img, msk)
-        prob = logits.float().softmax(dim=1)[:, 1:2]
-        s = self.config.crop_size
-        if prob.shape[-1] != s:
-            prob = F.interpolate(prob, size=(s, s), mode="bilinear", align_corners=False)
-        return prob[:, 0]
+        return logits.float().softmax(dim=1)[:, 1:2]
 
     def predict(self, image_patches: np.ndarray, mask_patches: np.ndarray) -> np.ndarray:
         if len(image_patches) == 0:

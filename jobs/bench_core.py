@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     net_rows = []
-    for name, size in (("hrnet_lite", 64), ("hrnet_lite", 128), ("hrnet18s", 128)):
+    for name, size in (("hrnet_lite", 64), ("hrnet_lite", 128), ("hrnet18s", 128), ("efflite0", 64), ("efflite0", 128)):
         net = build_model(name).eval()
         x, m = torch.randn(32, 3, size, size), torch.ones(32, 1, size, size)
         with torch.inference_mode():

@@ -97,24 +97,28 @@ def coco_photos(root: Path, split: str) -> tuple[Path, list[Photo], list[dict]]:
     return src / "images", photos, gt["categories"]
 
 
+def _label_photos(names: list[str], split: str, label_path: Callable[[str], Path], to_objects) -> list[Photo]:
+    """Photos whose ground truth is a label image: `to_objects(labels)` -> [(category, mask, 0)].
+    Labels are re-read when objects are asked for, so a set's masks are never all in memory."""
+    photos = []
+    for n, name in enumerate(names):
+        if split != "all" and (split == "val") != is_val(n):
+            continue
+        path = label_path(name)
+        labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if labels is None:
+            raise InputError(f"cannot read {path}")
+        photos.append(Photo(name, labels.shape[0], labels.shape[1],
+                            lambda path=path: to_objects(cv2.imread(str(path), cv2.IMREAD_UNCHANGED))))
+    return photos
+
+
 def ccp_photos(root: Path, split: str) -> tuple[Path, list[Photo], list[dict]]:
     src = root / "ccp-persons"
     _require(src / "masks", "ccp-persons/masks")
     names = sorted(p.name for p in (src / "images").glob("*.jpg"))
-    photos = []
-    for n, name in enumerate(names):
-        if (split == "val") != is_val(n) and split != "all":
-            continue
-        mpath = src / "masks" / (Path(name).stem + ".png")
-
-        m = cv2.imread(str(mpath), cv2.IMREAD_GRAYSCALE)
-        if m is None:
-            raise InputError(f"cannot read {mpath}")
-
-        def objects(mpath=mpath):
-            return [(1, cv2.imread(str(mpath), cv2.IMREAD_GRAYSCALE) > 127, 0)]
-
-        photos.append(Photo(name, m.shape[0], m.shape[1], objects))
+    photos = _label_photos(names, split, lambda name: src / "masks" / (Path(name).stem + ".png"),
+                           lambda labels: [(1, labels > 127, 0)])  # 255 = the person
     return src / "images", photos, [{"id": 1, "name": "person"}]
 
 
@@ -122,19 +126,8 @@ def pennfudan_photos(root: Path, split: str) -> tuple[Path, list[Photo], list[di
     src = root / "pennfudan"
     _require(src / "PedMasks", "pennfudan/PedMasks")
     names = sorted(p.name for p in (src / "PNGImages").glob("*.png"))
-    photos = []
-    for n, name in enumerate(names):
-        if (split == "val") != is_val(n) and split != "all":
-            continue
-        mpath = src / "PedMasks" / name.replace(".png", "_mask.png")
-        labels = cv2.imread(str(mpath), cv2.IMREAD_UNCHANGED)
-        if labels is None:
-            raise InputError(f"cannot read {mpath}")
-
-        def objects(labels=labels):
-            return [(1, labels == k, 0) for k in sorted(set(np.unique(labels).tolist()) - {0})]
-
-        photos.append(Photo(name, labels.shape[0], labels.shape[1], objects))
+    photos = _label_photos(names, split, lambda name: src / "PedMasks" / name.replace(".png", "_mask.png"),
+                           lambda labels: [(1, labels == k, 0) for k in sorted(set(np.unique(labels).tolist()) - {0})])
     return src / "PNGImages", photos, [{"id": 1, "name": "person"}]
 
 

@@ -33,28 +33,27 @@ RUNS = (("guided filter", "guided-filter", []), ("BPR, official reassembly", "ne
 
 def dev_val_sets(shared: Path, out: Path) -> dict[str, Path]:
     """Write (once) the dev-validation data directories under OUT; skip what ../shared lacks."""
+
+    def simulated(photos_fn, split):
+        def make(d):
+            image_dir, photos, cats = photos_fn(shared, split)
+            write_data_dir(d, image_dir, photos, cats, "maskrcnn28", 0, progress=False)
+        return make
+
+    plan = [  # (what must exist, folder, title, how to write it)
+        (shared / "coco-train" / "instances.json", "coco-val", "coco-train val, 28x28 coarse", simulated(coco_photos, "val")),
+        (shared / "coco-train" / "detections_real.json", "coco-real", "coco-train, real detector masks",
+         lambda d: write_real_detections(shared, d)),
+        (shared / "ccp-persons" / "masks", "ccp-val", "ccp-persons val, 28x28 coarse", simulated(ccp_photos, "val")),
+        (shared / "pennfudan" / "PNGImages", "pennfudan-val", "Penn-Fudan val", lambda d: prepare(shared / "pennfudan", d, "val", seed=0)),
+    ]
     sets = {}
-    if (shared / "coco-train" / "instances.json").is_file():
-        d = out / "coco-val"
-        if not (d / "coarse.json").exists():
-            image_dir, photos, cats = coco_photos(shared, "val")
-            write_data_dir(d, image_dir, photos, cats, "maskrcnn28", 0, progress=False)
-        sets["coco-train val, 28x28 coarse"] = d
-        d = out / "coco-real"
-        if not (d / "coarse.json").exists():
-            write_real_detections(shared, d)
-        sets["coco-train, real detector masks"] = d
-    if (shared / "ccp-persons" / "masks").is_dir():
-        d = out / "ccp-val"
-        if not (d / "coarse.json").exists():
-            image_dir, photos, cats = ccp_photos(shared, "val")
-            write_data_dir(d, image_dir, photos, cats, "maskrcnn28", 0, progress=False)
-        sets["ccp-persons val, 28x28 coarse"] = d
-    if (shared / "pennfudan" / "PNGImages").is_dir():
-        d = out / "pennfudan-val"
-        if not (d / "coarse.json").exists():
-            prepare(shared / "pennfudan", d, "val", seed=0)
-        sets["Penn-Fudan val"] = d
+    for needed, folder, title, make in plan:
+        if needed.exists():
+            d = out / folder
+            if not (d / "coarse.json").exists():
+                make(d)
+            sets[title] = d
     return sets
 
 

@@ -57,6 +57,8 @@ def build_parser(prog: str = "python -m jobs.refine", doc: str = __doc__, coarse
     c.add_argument("--min-keep-iou", type=float,
                    help="do-no-harm: keep a refined instance only if its IoU with the coarse mask is at least this "
                         "(default: the checkpoint's calibrated value; 0 = official)")
+    c.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the network's output over each patch and its mirror image (default: the checkpoint's setting)")
     c.add_argument("--official", action="store_true",
                    help="the paper's reassembly: all do-no-harm rules off (min-area, gate-margin, min-keep-iou = 0)")
     r = ap.add_argument_group("execution")
@@ -102,7 +104,7 @@ def config_overrides(args) -> dict:
     """The algorithm options given on the command line, and only those: everything else comes from
     the checkpoint (a network owns its patch geometry and its calibrated do-no-harm rules)."""
     given = {"patch_size": args.patch_size, "nms_iou": args.nms_iou, "context_pad": args.context_pad, "min_area": args.min_area,
-             "gate_margin": args.gate_margin, "min_keep_iou": args.min_keep_iou}
+             "gate_margin": args.gate_margin, "min_keep_iou": args.min_keep_iou, "tta_flip": args.tta_flip}
     if args.official:
         for k, v in OFFICIAL_RULES.items():
             if given[k] not in (None, 0):

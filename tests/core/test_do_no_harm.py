@@ -166,3 +166,21 @@ def test_shipped_model_does_no_harm_when_the_coarse_mask_is_already_right():
             worst = min(worst, mask_iou(o, g))
             n += 1
     assert n >= 10 and worst >= 0.98, (n, worst)
+
+
+def test_tta_flip_averages_the_patch_and_its_mirror():
+    from bpr_core.refiner import NetworkPatchRefiner
+
+    class Ramp(torch.nn.Module):  # foreground logit grows left to right: not mirror-symmetric
+        def forward(self, image, mask):
+            x = torch.linspace(-3, 3, image.shape[-1]).view(1, 1, 1, -1).expand(image.shape[0], 1, image.shape[-2], -1)
+            return torch.cat([torch.zeros_like(x), x], dim=1)
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    msk = rng.integers(0, 2, (2, 16, 16), dtype=np.uint8)
+    cfg = BPRConfig(patch_size=16, input_size=16)
+    plain = NetworkPatchRefiner(Ramp(), cfg, device="cpu").predict(img, msk)
+    tta = NetworkPatchRefiner(Ramp(), cfg.replace(tta_flip=True), device="cpu").predict(img, msk)
+    assert not np.allclose(plain, plain[..., ::-1])
+    np.testing.assert_allclose(tta, 0.5 * (plain + plain[..., ::-1]), atol=1e-6)
