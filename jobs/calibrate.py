@@ -16,7 +16,8 @@ mask IoU and Boundary IoU (Cheng et al.: the 2%-of-diagonal boundary band) befor
 A grid point is admissible when, on every set, the mean IoU change is >= 0 in every size bucket
 (COCO's small/medium/large), the mean Boundary IoU change is >= 0, and at most --max-worse of
 the instances lose more than 2 IoU points;
-the admissible point with the highest mean Boundary IoU gain (averaged over the sets) wins. Only
+among the admissible points whose mean Boundary IoU gain (averaged over the sets) is within 2% of
+the best, the safest wins (largest gate, then acceptance threshold, then min_area). Only
 dev-validation sets may be passed here: the chosen values are part of the model.
 """
 
@@ -41,6 +42,7 @@ from bpr_core.training import match_gt
 from ._cli import run_main
 
 GRID = {"min_area": (0, 100, 400, 1024), "gate_margin": (0.0, 0.1, 0.2, 0.3, 0.4), "min_keep_iou": (0.0, 0.5, 0.7, 0.8, 0.9)}
+NEAR_BEST = 0.02  # relative: gains within 2% of the best count as a tie
 SIZES = (("small", 0, 32 ** 2), ("medium", 32 ** 2, 96 ** 2), ("large", 96 ** 2, math.inf))
 
 
@@ -153,8 +155,12 @@ def search(per_set: dict[str, list[dict]], max_worse: float) -> tuple[dict, list
                 points.append({"min_area": a, "gate_margin": m, "min_keep_iou": k, "admissible": ok, "mean_d_boundary_iou": gain, "sets": res})
     admissible = [p for p in points if p["admissible"]]
     pool = admissible or points
-    # Highest gain; ties (within 1e-4) to the gentlest rules.
-    best = max(pool, key=lambda p: (round(p["mean_d_boundary_iou"], 4), -p["gate_margin"], -p["min_keep_iou"], -p["min_area"]))
+    # Near-ties go to the safest rule: among the points within NEAR_BEST of the best gain, the one
+    # that leaves the most alone (largest gate, then acceptance threshold, then min_area). On sets
+    # we do not have, a more conservative rule harms less for the same measured gain.
+    top = max(p["mean_d_boundary_iou"] for p in pool)
+    near = [p for p in pool if p["mean_d_boundary_iou"] >= top - NEAR_BEST * abs(top)]
+    best = max(near, key=lambda p: (p["gate_margin"], p["min_keep_iou"], p["min_area"]))
     return best, points
 
 
