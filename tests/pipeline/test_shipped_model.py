@@ -1,5 +1,5 @@
 """The shipped default model: loads safely with its card, and `jobs.refine` with no --checkpoint
-uses it and improves Boundary AP on the demo data."""
+uses it and improves Boundary AP on the demo data without making any instance worse."""
 
 import json
 
@@ -27,5 +27,10 @@ def test_refine_without_checkpoint_uses_shipped_model_and_improves_boundary_ap(r
     rep = evaluate.evaluate_files(str(data / "annotations.json"),
                                   [str(data / "coarse.json"), str(tmp_path / "refined" / "refined.json")], ["coarse", "refined"])
     coarse, refined = rep["results"]["coarse"], rep["results"]["refined"]
-    assert refined["boundary"]["AP"] > coarse["boundary"]["AP"] + 2.0, (coarse["boundary"], refined["boundary"])
+    # The shipped generalist gains less here than the previous synthetic-trained model did (README:
+    # about +1.4 Boundary AP on this demo set, against +2 before); what it must do is improve and
+    # harm nothing: Boundary AP up, mask AP not down, mean IoU up, no instance worse by > 2 points.
+    assert refined["boundary"]["AP"] > coarse["boundary"]["AP"] + 0.5, (coarse["boundary"], refined["boundary"])
+    assert refined["mask"]["AP"] >= coarse["mask"]["AP"], (coarse["mask"], refined["mask"])
     assert refined["iou_change"]["mean_change"] > 0
+    assert refined["iou_change"]["frac_worsened_gt_2pts"] == 0
