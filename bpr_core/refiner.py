@@ -183,7 +183,9 @@ def resolve_config(checkpoint_config: BPRConfig, config: BPRConfig | dict | None
     The checkpoint owns its geometry (CHECKPOINT_OWNED): a dict of overrides may repeat those
     values but not change them, and a full BPRConfig must agree on patch_size and context_pad
     (its model/input/normalisation fields are replaced by the checkpoint's). Everything else
-    (proposal NMS, threshold, min_area, the do-no-harm rules) is the caller's where given.
+    (proposal NMS, threshold, min_area, the do-no-harm rules) is the caller's where given: a dict
+    changes only the keys it names, while a full BPRConfig replaces them all, including the
+    checkpoint's calibrated do-no-harm rules (so pass a dict, e.g. {"nms_iou": 0.3}, to keep them).
     """
     if config is None:
         return checkpoint_config
