@@ -24,11 +24,18 @@ from pycocotools.cocoeval import COCOeval
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def mask_to_boundary(mask: np.ndarray, dilation_ratio: float = 0.02) -> np.ndarray:
-    """HxW bool -> HxW bool boundary region: pixels of the mask within d of the background."""
+def boundary_width(height: int, width: int, dilation_ratio: float = 0.02) -> int:
+    """Boundary IoU's band width d in pixels for an image of this size."""
+    return max(1, int(round(dilation_ratio * math.sqrt(height * height + width * width))))
+
+
+def mask_to_boundary(mask: np.ndarray, dilation_ratio: float = 0.02, d: int | None = None) -> np.ndarray:
+    """HxW bool -> HxW bool boundary region: pixels of the mask within d of the background
+    (outside the array counts as background). d defaults to the array's own boundary_width; pass
+    the full image's d when `mask` is a crop."""
     mask = np.asarray(mask, dtype=np.uint8)
     h, w = mask.shape
-    d = max(1, int(round(dilation_ratio * math.sqrt(h * h + w * w))))
+    d = boundary_width(h, w, dilation_ratio) if d is None else d
     padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=d)[1 : h + 1, 1 : w + 1]
     return (mask > 0) & (eroded == 0)

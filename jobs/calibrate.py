@@ -30,13 +30,14 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from bpr_core import rle as rle_utils
 from bpr_core.config import OFFICIAL_RULES
+from bpr_core.evaluation import boundary_width, mask_to_boundary
 from bpr_core.formats import InputError, load_coco_gt, read_results_json
 from bpr_core.patches import crop_patches, paste_patches, propose_patches
+from bpr_core.synthetic import mask_iou
 from bpr_core.training import match_gt
 
 from ._cli import run_main
@@ -46,25 +47,13 @@ NEAR_BEST = 0.02  # relative: gains within 2% of the best count as a tie
 SIZES = (("small", 0, 32 ** 2), ("medium", 32 ** 2, 96 ** 2), ("large", 96 ** 2, math.inf))
 
 
-def _boundary(mask: np.ndarray, d: int) -> np.ndarray:
-    m = mask.astype(np.uint8)
-    padded = cv2.copyMakeBorder(m, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-    eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=d)[1:-1, 1:-1]
-    return (m > 0) & (eroded == 0)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    u = np.count_nonzero(a | b)
-    return np.count_nonzero(a & b) / u if u else 1.0
-
-
 class Scorer:
     """Mask IoU and Boundary IoU of candidate masks against one GT, computed inside a crop that
     is exact (the crop is grown by the boundary width, so erosion sees the same zeros)."""
 
     def __init__(self, gt: np.ndarray, coarse: np.ndarray, boxes: np.ndarray):
         h, w = gt.shape
-        self.d = max(1, int(round(0.02 * math.sqrt(h * h + w * w))))
+        self.d = boundary_width(h, w)
         ys, xs = np.nonzero(gt | coarse)
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
         if len(boxes):
@@ -73,11 +62,11 @@ class Scorer:
         p = self.d + 2
         self.sl = (slice(max(y0 - p, 0), min(y1 + p, h)), slice(max(x0 - p, 0), min(x1 + p, w)))
         self.gt = gt[self.sl]
-        self.gt_b = _boundary(self.gt, self.d)
+        self.gt_b = mask_to_boundary(self.gt, d=self.d)
 
     def __call__(self, mask: np.ndarray) -> tuple[float, float]:
         m = mask[self.sl]
-        return _iou(m, self.gt), _iou(_boundary(m, self.d), self.gt_b)
+        return mask_iou(m, self.gt), mask_iou(mask_to_boundary(m, d=self.d), self.gt_b)
 
 
 def collect(set_dir: Path, refiner, cfg, margins, log) -> list[dict]:
@@ -116,7 +105,7 @@ def collect(set_dir: Path, refiner, cfg, margins, log) -> list[dict]:
                 probs = np.clip(np.rint(probs * 255), 0, 255).astype(np.uint8)  # as the pipeline carries them
                 for m in margins:
                     refined = paste_patches(coarse, boxes, probs, cfg.replace(gate_margin=m))
-                    rec["after"].append((*sc(refined), _iou(refined, coarse)))
+                    rec["after"].append((*sc(refined), mask_iou(refined, coarse)))
             else:
                 rec["after"] = [(*rec["before"], 1.0)] * len(margins)
             out.append(rec)

@@ -37,6 +37,7 @@ from bpr_core.formats import InputError
 from bpr_core.synthetic import mask_iou
 
 from ._cli import run_main
+from .prepare_pennfudan import split_names
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SETS = ("coco", "coco-real", "ccp", "pennfudan")
@@ -48,6 +49,7 @@ class Photo:
     height: int
     width: int
     objects: Callable[[], list[tuple[int, np.ndarray, int]]]  # -> [(category_id, mask, iscrowd)]
+    source_id: int | None = None  # the image id in the source set, where it has one
 
 
 def is_val(index: int) -> bool:
@@ -93,7 +95,7 @@ def coco_photos(root: Path, split: str) -> tuple[Path, list[Photo], list[dict]]:
             return [(a["category_id"], rle.decode(rle.segmentation_to_rle(a["segmentation"], h, w)), int(a.get("iscrowd", 0)))
                     for a in anns]
 
-        photos.append(Photo(Path(im["file_name"]).name, h, w, objects))
+        photos.append(Photo(Path(im["file_name"]).name, h, w, objects, im["id"]))
     return src / "images", photos, gt["categories"]
 
 
@@ -125,8 +127,7 @@ def ccp_photos(root: Path, split: str) -> tuple[Path, list[Photo], list[dict]]:
 def pennfudan_photos(root: Path, split: str) -> tuple[Path, list[Photo], list[dict]]:
     src = root / "pennfudan"
     _require(src / "PedMasks", "pennfudan/PedMasks")
-    names = sorted(p.name for p in (src / "PNGImages").glob("*.png"))
-    photos = _label_photos(names, split, lambda name: src / "PedMasks" / name.replace(".png", "_mask.png"),
+    photos = _label_photos(split_names(src, split), "all", lambda name: src / "PedMasks" / name.replace(".png", "_mask.png"),
                            lambda labels: [(1, labels == k, 0) for k in sorted(set(np.unique(labels).tolist()) - {0})])
     return src / "PNGImages", photos, [{"id": 1, "name": "person"}]
 
@@ -179,11 +180,9 @@ def write_real_detections(root: Path, out: Path) -> dict:
     """coco-real: the 43 photos with real detections, their full GT, the detections as coarse.json."""
     image_dir, photos, cats = coco_photos(root, "real")
     dets = json.loads((root / "coco-train" / "detections_real.json").read_text())
-    src_gt = json.loads((root / "coco-train" / "instances.json").read_text())
-    name_to_id = {Path(im["file_name"]).name: im["id"] for im in src_gt["images"]}
     s = write_data_dir(out, image_dir, photos, cats, "identity", 0, draws=0, description="coco-train photos with real detections",
                        progress=False)
-    new_id = {name_to_id[ph.file_name]: i + 1 for i, ph in enumerate(photos)}
+    new_id = {ph.source_id: i + 1 for i, ph in enumerate(photos)}
     coarse = [{**d, "image_id": new_id[int(d["image_id"])]} for d in dets]
     (out / "coarse.json").write_text(json.dumps(coarse, separators=(",", ":")))
     s["coarse_instances"] = len(coarse)
@@ -194,14 +193,12 @@ def real_detection_ious(root: Path) -> list[float]:
     """IoU of each real detection with its best same-category GT (the official builder's match)."""
     from bpr_core.training import match_gt
 
-    image_dir, photos, _ = coco_photos(root, "real")
-    src_gt = json.loads((root / "coco-train" / "instances.json").read_text())
-    file_of = {im["id"]: Path(im["file_name"]).name for im in src_gt["images"]}
-    objs = {ph.file_name: ph.objects() for ph in photos}
+    _, photos, _ = coco_photos(root, "real")
+    objs = {ph.source_id: ph.objects() for ph in photos}
     out = []
     for d in json.loads((root / "coco-train" / "detections_real.json").read_text()):
         m = rle.decode(rle.segmentation_to_rle(d["segmentation"], *d["segmentation"]["size"]))
-        gts = [g for c, g, crowd in objs[file_of[int(d["image_id"])]] if c == d["category_id"] and not crowd]
+        gts = [g for c, g, crowd in objs[int(d["image_id"])] if c == d["category_id"] and not crowd]
         _, iou = match_gt(m, gts, 0.0)
         out.append(iou)
     return out
