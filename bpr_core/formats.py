@@ -3,7 +3,10 @@
 Instances travel as one columnar record per instance (`INSTANCE_COLUMNS`): image_id, instance_id,
 category_id, score and the compressed COCO RLE as counts + size. `instance_id` is the instance's
 0-based position in the results file it came from (COCO results have no ids of their own), or the
-`instance_id` key/column where the input carries one. Refined outputs add provenance columns.
+`instance_id` key/column where the input carries one; with inputs of several files the identity is
+(source_file, instance_id). Refined outputs add provenance columns. Every field is validated
+exactly (no defaults, no rounding): a bad record raises `RecordError` naming the field, and the
+refinement job quarantines it with file and position instead of failing.
 All conversion to and from the ecosystem's formats happens here, once.
 """
 
@@ -34,8 +37,8 @@ INSTANCE_SCHEMA = pa.schema([
     ("category_id", pa.int64()),
     ("score", pa.float64()),
     ("rle_counts", pa.string()),
-    ("rle_h", pa.int32()),
-    ("rle_w", pa.int32()),
+    ("rle_h", pa.int64()),  # int64 throughout (parts, quarantine, inputs): one schema to concatenate
+    ("rle_w", pa.int64()),
 ])
 INSTANCE_COLUMNS = INSTANCE_SCHEMA.names
 
@@ -43,9 +46,10 @@ PROVENANCE_SCHEMA = pa.schema([
     ("status", pa.string()),  # refined | passed_through
     ("reason", pa.string()),  # why it was passed through ("" when refined)
     ("source_file", pa.string()),
+    ("position", pa.int64()),  # the instance's 0-based entry/row number in source_file
     ("coarse_area", pa.int64()),
     ("refined_area", pa.int64()),
-    ("num_patches", pa.int32()),
+    ("num_patches", pa.int64()),
     ("model_name", pa.string()),
     ("model_version", pa.string()),
     ("config_hash", pa.string()),
@@ -54,12 +58,13 @@ REFINED_SCHEMA = pa.schema(list(INSTANCE_SCHEMA) + list(PROVENANCE_SCHEMA))
 
 
 def _read_json(path: str | Path, what: str):
+    """A whole JSON document (image indexes, ground truth); plain or gzip, BOM or not."""
     try:
-        with open(path, "rb") as f:
+        with open_text(open(path, "rb"), f"{what} {path}") as f:
             return json.load(f)
     except FileNotFoundError:
         raise InputError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, EOFError, OSError) as e:
         raise InputError(f"{what} {path} is not valid JSON: {e}") from None
 
 
@@ -74,6 +79,17 @@ class ImageRecord:
     width: int | None = None
 
 
+@dataclass
+class ImageIndex:
+    """An image index as read, entry by entry: the usable records, and the image ids whose entry is
+    unusable (a duplicate id, a bad size, no file name) with the reason, so the detections on those
+    images can be quarantined with it instead of the whole job failing or a silent choice."""
+
+    records: dict[int, ImageRecord]
+    invalid: dict[int, str]
+    unattributable: list[str]  # bad entries without a usable image id (no detection can refer to them)
+
+
 HOW_TO_INDEX = (
     "An image index maps image_id to an image file. Use any COCO-style JSON with an 'images' list "
     "(the ground-truth file, or COCO's annotation-free image_info_*.json), or a CSV/Parquet table "
@@ -81,102 +97,293 @@ HOW_TO_INDEX = (
     "  image_id,path\n  1,000000000139.jpg"
 )
 
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
-def load_image_index(path: str | Path | None) -> dict[int, ImageRecord]:
-    """Read an image index (COCO-style JSON `images`, or CSV/Parquet image_id,path[,height,width])."""
+
+class RecordError(ValueError):
+    """One record (a detection, an index entry) is unusable; the message says which field and why."""
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def exact_int(v, field: str, minimum: int | None = None) -> int:
+    """An integer field, exactly: ints, and floats with an integral value (JSON 3.0); never bools,
+    strings or 1.7. Must fit int64 (and be >= minimum)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RecordError(f"{field} {_short(v)} is not an integer" if v is not None else f"{field} is null")
+    if isinstance(v, float):
+        if not (math.isfinite(v) and v.is_integer()):
+            raise RecordError(f"{field} {_short(v)} is not an integer")
+        v = int(v)
+    if not INT64_MIN <= v <= INT64_MAX:
+        raise RecordError(f"{field} {v} is outside the 64-bit integer range")
+    if minimum is not None and v < minimum:
+        raise RecordError(f"{field} {v} is below {minimum}")
+    return int(v)
+
+
+def finite_number(v, field: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RecordError(f"{field} {_short(v)} is not a number" if v is not None else f"{field} is null")
+    f = float(v)
+    if not math.isfinite(f):
+        raise RecordError(f"{field} {v} is not a finite number")
+    return f
+
+
+def _index_entry(entry, id_key: str, name_key: str) -> ImageRecord:
+    if not isinstance(entry, dict):
+        raise RecordError(f"expected an object, got {type(entry).__name__}")
+    for k in (id_key, name_key):
+        if entry.get(k) in (None, ""):
+            raise RecordError(f"missing {k}")
+    image_id = exact_int(entry[id_key], id_key)
+    name = entry[name_key]
+    if not isinstance(name, str):
+        raise RecordError(f"{name_key} {_short(name)} is not a string")
+    size = [None if entry.get(k) in (None, "") else exact_int(entry[k], k, minimum=1) for k in ("height", "width")]
+    if (size[0] is None) != (size[1] is None):
+        raise RecordError("height and width go together")
+    return ImageRecord(image_id, name, *size)
+
+
+def read_image_index(path: str | Path | None) -> ImageIndex:
+    """Read an image index (COCO-style JSON `images`, or CSV/Parquet image_id,path[,height,width])
+    entry by entry. A malformed file raises InputError; a bad entry is recorded (ImageIndex)."""
     if path is None:
         raise InputError("no image index given. " + HOW_TO_INDEX)
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = ".json" if path.name.lower().endswith(".json.gz") else path.suffix.lower()
     if suffix == ".json":
         data = _read_json(path, "image index")
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise InputError(f"image index {path} has no 'images' list. " + HOW_TO_INDEX)
-        out = {}
-        for i, im in enumerate(data["images"]):
-            try:
-                rec = ImageRecord(int(im["id"]), str(im["file_name"]), int(im["height"]) if "height" in im else None,
-                                  int(im["width"]) if "width" in im else None)
-            except (KeyError, TypeError, ValueError) as e:
-                raise InputError(f"image index {path}: images[{i}] lacks a valid {e}") from None
-            out[rec.image_id] = rec
-        return out
-    if suffix in (".csv", ".parquet", ".pq"):
+        entries, id_key, name_key, label = data["images"], "id", "file_name", "images[{}]"
+    elif suffix in (".csv", ".parquet", ".pq"):
         if not path.is_file():
             raise InputError(f"image index not found: {path}")
         if suffix == ".csv":
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                entries = list(csv.DictReader(f))
+            for e in entries:  # CSV is text: numbers are parsed here, exactly
+                for k in ("image_id", "height", "width"):
+                    if isinstance(e.get(k), str) and e[k].strip().lstrip("-").isdigit():
+                        e[k] = int(e[k])
         else:
-            rows = pq.read_table(path).to_pylist()
-        out = {}
-        for i, r in enumerate(rows):
-            if "image_id" not in r or "path" not in r:
-                raise InputError(f"image index {path}: row {i} needs columns image_id and path. " + HOW_TO_INDEX)
-            h = r.get("height")
-            w = r.get("width")
-            rec = ImageRecord(int(r["image_id"]), str(r["path"]), int(h) if h not in (None, "") else None,
-                              int(w) if w not in (None, "") else None)
-            out[rec.image_id] = rec
-        return out
-    raise InputError(f"image index {path}: unsupported type {suffix!r}. " + HOW_TO_INDEX)
+            entries = pq.read_table(path).to_pylist()
+        if entries and not {"image_id", "path"} <= set(entries[0]):
+            raise InputError(f"image index {path} needs columns image_id and path. " + HOW_TO_INDEX)
+        id_key, name_key, label = "image_id", "path", "row {}"
+    else:
+        raise InputError(f"image index {path}: unsupported type {suffix!r}. " + HOW_TO_INDEX)
+    records: dict[int, ImageRecord] = {}
+    first_at: dict[int, int] = {}
+    invalid: dict[int, str] = {}
+    unattributable: list[str] = []
+    for i, entry in enumerate(entries):
+        where = f"image index {path} {label.format(i)}"
+        try:
+            rec = _index_entry(entry, id_key, name_key)
+        except RecordError as e:
+            try:
+                bad_id = exact_int(entry.get(id_key), id_key) if isinstance(entry, dict) else None
+            except RecordError:
+                bad_id = None
+            if bad_id is None:
+                unattributable.append(f"{where}: {e}")
+            else:
+                invalid.setdefault(bad_id, f"{where}: {e}")
+            continue
+        if rec.image_id in first_at:
+            invalid[rec.image_id] = (f"image_id {rec.image_id} appears more than once in the image index {path} "
+                                     f"({label.format(first_at[rec.image_id])} and {label.format(i)})")
+            continue
+        first_at[rec.image_id] = i
+        records[rec.image_id] = rec
+    for image_id in invalid:
+        records.pop(image_id, None)
+    return ImageIndex(records, invalid, unattributable)
+
+
+def load_image_index(path: str | Path | None) -> dict[int, ImageRecord]:
+    """An image index that must be entirely valid (training, evaluation, benchmarks): the first bad
+    entry raises InputError. The refinement job reads it with `read_image_index` instead and
+    quarantines the detections on a bad entry's image."""
+    index = read_image_index(path)
+    problems = list(index.invalid.values()) + index.unattributable
+    if problems:
+        raise InputError(problems[0] + (f" (and {len(problems) - 1} more bad entries)" if len(problems) > 1 else ""))
+    return index.records
 
 
 # --- instances -------------------------------------------------------------------------------
 
-
-def _finite_score(v, where: str) -> float:
-    try:
-        s = float(v)
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: score {v!r} is not a number") from None
-    return s
+# Required keys of one COCO results entry. A GT-style file's annotations have no score (the format
+# has none) and count as 1.0; in a results list a missing score is an error, never a default.
+REQUIRED_RESULT_KEYS = ("image_id", "category_id", "segmentation", "score")
 
 
-def result_to_row(det: dict, instance_id: int, sizes: dict[int, ImageRecord] | None, where: str) -> dict:
-    """One COCO results entry -> one instance row. Polygons need the image size from `sizes`."""
-    if not isinstance(det, dict):
-        raise InputError(f"{where}: expected an object, got {type(det).__name__}")
-    try:
-        image_id = int(det["image_id"])
-        category_id = int(det.get("category_id", 1))
-        seg = det["segmentation"]
-    except KeyError as e:
-        raise InputError(f"{where}: missing key {e}") from None
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{where}: bad field ({e})") from None
-    score = _finite_score(det.get("score", 1.0), where)
-    if isinstance(seg, dict) and "size" in seg:
-        h, w = (int(v) for v in seg["size"])
-    else:
+def _segmentation(seg, image_id: int, sizes: dict[int, ImageRecord] | None) -> tuple[str, int, int]:
+    """A COCO segmentation (RLE object, or polygon list) -> (compressed counts, h, w)."""
+    if isinstance(seg, dict):
+        if "size" not in seg or "counts" not in seg:
+            raise RecordError("segmentation is an object without 'size' and 'counts' (expected COCO RLE)")
+        size = seg["size"]
+        if not isinstance(size, (list, tuple)) or len(size) != 2:
+            raise RecordError(f"segmentation.size {_short(size)} is not [height, width]")
+        h, w = (exact_int(v, f"segmentation.size[{k}]", minimum=1) for k, v in enumerate(size))
+        counts = seg["counts"]
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                raise RecordError("segmentation.counts (uncompressed RLE) must be non-negative integers")
+            if sum(counts) != h * w:
+                raise RecordError(f"segmentation.counts (uncompressed RLE) covers {sum(counts)} pixels, not {h}x{w}")
+        elif not isinstance(counts, str):
+            raise RecordError(f"segmentation.counts {_short(counts)} is neither an RLE string nor a list")
+    elif isinstance(seg, list):
+        if not seg:
+            raise RecordError("segmentation is an empty polygon list")
+        for k, poly in enumerate(seg):
+            if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      and math.isfinite(v) for v in poly):
+                raise RecordError(f"segmentation polygon {k} is not a list of finite numbers")
+            if len(poly) < 6 or len(poly) % 2:
+                raise RecordError(f"segmentation polygon {k} has {len(poly)} numbers; a polygon needs x,y pairs "
+                                  "for at least 3 points (6 or more, even)")
         rec = (sizes or {}).get(image_id)
         if rec is None or rec.height is None:
-            raise InputError(f"{where}: polygon segmentation needs the image size; image_id {image_id} has none in the image index")
+            raise RecordError(f"polygon segmentation needs the image size; image_id {image_id} has none in the image index")
         h, w = rec.height, rec.width
+    else:
+        raise RecordError(f"segmentation {_short(seg)} is neither a COCO RLE object nor a list of polygons"
+                          if seg is not None else "segmentation is null")
     try:
         r = rle_utils.segmentation_to_rle(seg, h, w)
     except Exception as e:
-        raise InputError(f"{where}: invalid segmentation ({e})") from None
-    iid = int(det["instance_id"]) if "instance_id" in det else instance_id
+        raise RecordError(f"invalid segmentation ({e})") from None
+    return r["counts"], h, w
+
+
+def result_to_row(det: dict, position: int, sizes: dict[int, ImageRecord] | None, where: str,
+                  default_score: float | None = None) -> dict:
+    """One COCO results entry -> one instance row, validated field by field (RecordError names the
+    field). `position` is the entry's 0-based place in its file: the instance_id unless the entry
+    carries one. Polygons need the image size from `sizes`."""
+    if not isinstance(det, dict):
+        raise RecordError(f"expected an object, got {type(det).__name__}")
+    missing = [k for k in REQUIRED_RESULT_KEYS if k not in det and not (k == "score" and default_score is not None)]
+    if missing:
+        raise RecordError(f"missing {', '.join(missing)}")
+    image_id = exact_int(det["image_id"], "image_id")
+    category_id = exact_int(det["category_id"], "category_id")
+    score = finite_number(det.get("score", default_score), "score")
+    iid = exact_int(det["instance_id"], "instance_id", minimum=0) if "instance_id" in det else position
+    counts, h, w = _segmentation(det["segmentation"], image_id, sizes)
     return {"image_id": image_id, "instance_id": iid, "category_id": category_id, "score": score,
-            "rle_counts": r["counts"], "rle_h": h, "rle_w": w}
+            "rle_counts": counts, "rle_h": h, "rle_w": w}
 
 
-def iter_json_array(f, what: str, chunk_size: int = 1 << 20) -> Iterator:
-    """Stream the elements of a top-level JSON array from a text file object, one at a time, so a
-    results file of millions of detections is never held whole in memory. A GT-style object with
-    an "annotations" list is not streamable and is parsed whole (such files are small)."""
+def table_row(row: dict) -> dict:
+    """One instance-table (Parquet) row, validated like a results entry."""
+    out = {"image_id": exact_int(row.get("image_id"), "image_id"),
+           "instance_id": exact_int(row.get("instance_id"), "instance_id", minimum=0),
+           "category_id": exact_int(row.get("category_id"), "category_id"),
+           "score": finite_number(row.get("score"), "score")}
+    counts = row.get("rle_counts")
+    if not isinstance(counts, str):
+        raise RecordError("rle_counts is null" if counts is None else f"rle_counts {_short(counts)} is not a string")
+    out.update(rle_counts=counts, rle_h=exact_int(row.get("rle_h"), "rle_h", minimum=1),
+               rle_w=exact_int(row.get("rle_w"), "rle_w", minimum=1))
+    return out
+
+
+def invalid_row(position: int, reason: str, raw=None) -> dict:
+    """A record that could not be read, kept as an instance row (fields it had that are valid are
+    kept for identification) with the reason, so it is quarantined, never dropped."""
+    raw = raw if isinstance(raw, dict) else {}
+    row = {k: None for k in INSTANCE_COLUMNS}
+    for k in ("image_id", "category_id"):
+        try:
+            row[k] = exact_int(raw.get(k), k)
+        except RecordError:
+            pass
+    try:
+        row["instance_id"] = exact_int(raw["instance_id"], "instance_id", minimum=0) if "instance_id" in raw else position
+    except RecordError:
+        row["instance_id"] = None
+    row["invalid"] = reason
+    return row
+
+
+# Longest text one detection may take: far above any real entry (a polygon of 100k points is
+# ~2 MB), so a corrupt file (an unclosed string, NUL padding inside an element) fails at a bound.
+MAX_ENTRY_CHARS = 64 << 20
+# A GT-style object (not a list) is parsed whole; larger files must be given as a results list.
+MAX_OBJECT_CHARS = 1 << 30
+
+
+def open_text(raw, what: str):
+    """A binary stream -> a UTF-8 text stream; gzip is decompressed, a UTF-8 BOM skipped, and any
+    other encoding or compression is named instead of surfacing as a parse error."""
+    import gzip
+
+    head = raw.read(4)
+    stream = _Prefixed(head, raw)
+    if head[:2] == b"\x1f\x8b":
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
+        head = stream.peek(4)[:4] if hasattr(stream, "peek") else b""
+    for magic, name in ((b"\xff\xfe", "UTF-16/32 (little-endian BOM)"), (b"\xfe\xff", "UTF-16 (big-endian BOM)"),
+                        (b"BZh", "a bzip2 archive"), (b"\x28\xb5\x2f\xfd", "a zstd archive"), (b"PK\x03\x04", "a zip archive")):
+        if head.startswith(magic):
+            raise InputError(f"{what} is {name}; bpr reads UTF-8 JSON, plain or gzip-compressed")
+    return io.TextIOWrapper(stream, encoding="utf-8-sig")
+
+
+class _Prefixed(io.RawIOBase):
+    """Bytes already read from a stream, then the rest of the stream."""
+
+    def __init__(self, head: bytes, raw):
+        self._head, self._raw = head, raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        data = self._raw.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _may_be_cut(e: json.JSONDecodeError, buf: str) -> bool:
+    """Could this parse error be the buffer's end cutting an element (so more input may fix it)?
+    Anything else is a malformed byte, reported at once, however much of the file is left."""
+    return e.msg.startswith("Unterminated string") or e.pos >= len(buf) - 16
+
+
+def iter_json_array(f, what: str, chunk_size: int = 1 << 20, info: dict | None = None) -> Iterator:
+    """Stream the elements of a top-level JSON array from a text file object, one at a time, in
+    bounded memory (a chunk plus the current element) and linear time, failing at the first
+    malformed character with its offset. A GT-style object with an "annotations" list is parsed
+    whole (`info["gt_style"]` is set)."""
     dec = json.JSONDecoder()
-    buf, pos, eof = "", 0, False
+    buf, pos, eof, base, n = "", 0, False, 0, 0
 
-    def fill() -> bool:
-        nonlocal buf, pos, eof
+    def fill(size: int = chunk_size) -> bool:
+        nonlocal buf, pos, eof, base
         if eof:
             return False
-        data = f.read(chunk_size)
+        data = f.read(size)
         if not data:
             eof = True
             return False
+        base += pos
         buf, pos = buf[pos:] + data, 0
         return True
 
@@ -188,32 +395,45 @@ def iter_json_array(f, what: str, chunk_size: int = 1 << 20) -> Iterator:
             if pos < len(buf) or not fill():
                 return
 
+    def bad(msg: str, at: int):
+        return InputError(f"{what} is not valid JSON at character {base + at} (entry {n}): {msg}")
+
     skip_ws()
     if pos >= len(buf):
         raise InputError(f"{what} is empty, not a JSON list")
-    if buf[pos] == "{":  # a COCO GT-style dict: small, parse whole
-        rest = buf[pos:] + f.read()
+    if buf[pos] == "{":  # a COCO GT-style dict: parse whole, up to a bound
+        parts, total = [buf[pos:]], len(buf) - pos
+        while chunk := f.read(chunk_size):
+            parts.append(chunk)
+            total += len(chunk)
+            if total > MAX_OBJECT_CHARS:
+                raise InputError(f"{what} is a JSON object over {MAX_OBJECT_CHARS >> 20} MiB; give detections as a JSON list")
         try:
-            data = json.loads(rest)
+            data = json.loads("".join(parts))
         except json.JSONDecodeError as e:
             raise InputError(f"{what} is not valid JSON: {e}") from None
         if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+            if info is not None:
+                info["gt_style"] = True
             yield from data["annotations"]
             return
         raise InputError(f"{what}: expected a JSON list of detections, got {type(data).__name__}")
     if buf[pos] != "[":
-        raise InputError(f"{what} is not valid JSON: expected '[' at the start")
+        raise bad("expected '[' at the start", pos)
     pos += 1
-    first = True
     while True:
         skip_ws()
         if pos >= len(buf):
             raise InputError(f"{what} is not valid JSON: the list is not closed (truncated file?)")
         if buf[pos] == "]":
+            pos += 1
+            skip_ws()
+            if pos < len(buf):
+                raise bad("text after the closing ']'", pos)
             return
-        if not first:
+        if n:
             if buf[pos] != ",":
-                raise InputError(f"{what} is not valid JSON: expected ',' between elements")
+                raise bad(f"expected ',' between elements, found {buf[pos]!r}", pos)
             pos += 1
             skip_ws()
         while True:
@@ -223,31 +443,48 @@ def iter_json_array(f, what: str, chunk_size: int = 1 << 20) -> Iterator:
                 if end < len(buf) or eof:
                     break
             except json.JSONDecodeError as e:
-                if eof:
-                    raise InputError(f"{what} is not valid JSON: {e}") from None
-            if not fill():
-                continue
-        pos, first = end, False
+                if eof or not _may_be_cut(e, buf):
+                    raise bad(e.msg, e.pos) from None
+            if len(buf) - pos > MAX_ENTRY_CHARS:
+                raise bad(f"an element longer than {MAX_ENTRY_CHARS >> 20} MiB (corrupt file?)", pos)
+            # read at least as much again as the element so far: each retry re-parses it, and
+            # doubling keeps the total parse work linear in its length
+            fill(max(chunk_size, len(buf) - pos))
+        pos = end
+        n += 1
         yield obj
 
 
-def iter_results_json(source, sizes: dict[int, ImageRecord] | None = None, name: str | None = None) -> Iterator[dict]:
-    """Stream instance rows from a COCO results JSON (a path or a text file object) without
-    loading it whole."""
+def iter_results_json(source, sizes: dict[int, ImageRecord] | None = None, name: str | None = None,
+                      strict: bool = True) -> Iterator[dict]:
+    """Stream instance rows from a COCO results JSON (a path, or a binary or text file object;
+    plain or gzip) without loading it whole. A malformed file raises InputError. A bad entry raises
+    InputError naming file, entry and field when `strict`, else comes out as `invalid_row` (the
+    refinement job quarantines it and goes on)."""
+    path = name or (str(source) if not hasattr(source, "read") else "<stream>")
+    what = f"results file {path}"
     if hasattr(source, "read"):
-        f, path = source, name or "<stream>"
+        f = source if isinstance(source, io.TextIOBase) else open_text(source, what)
     else:
-        path = name or str(source)
         try:
-            f = open(source, encoding="utf-8")
+            f = open_text(open(source, "rb"), what)
         except FileNotFoundError:
             raise InputError(f"results file not found: {path}") from None
+    info: dict = {}
     with f:
         try:
-            for i, d in enumerate(iter_json_array(f, f"results file {path}")):
-                yield result_to_row(d, i, sizes, f"{path} [entry {i}]")
+            for i, d in enumerate(iter_json_array(f, what, info=info)):
+                try:
+                    yield result_to_row(d, i, sizes, path, default_score=1.0 if info.get("gt_style") else None)
+                except RecordError as e:
+                    reason = f"{path} entry {i}: {e}"
+                    if strict:
+                        raise InputError(reason) from None
+                    yield invalid_row(i, reason, d)
         except UnicodeDecodeError as e:
-            raise InputError(f"results file {path} is not valid JSON: {e}") from None
+            raise InputError(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start} of a chunk)") from None
+        except (EOFError, OSError) as e:  # a truncated or corrupt gzip stream
+            raise InputError(f"{what} cannot be read: {e}") from None
 
 
 def read_results_json(path: str | Path, sizes: dict[int, ImageRecord] | None = None) -> list[dict]:
@@ -277,8 +514,10 @@ def write_instances_parquet(rows: list[dict], path: str | Path, schema: pa.Schem
     pq.write_table(rows_to_table(rows, schema), str(path))
 
 
-def row_to_result(row: dict) -> dict:
-    """Instance row -> COCO results entry (drop-in for COCOeval); keeps instance_id for matching."""
+def row_to_result(row: dict, with_source: bool = False) -> dict:
+    """Instance row -> COCO results entry (drop-in for COCOeval); keeps instance_id for matching,
+    and the source file too when `with_source` (inputs of several files, each numbering its own
+    instances: there (source_file, instance_id) is the identity)."""
     r = {"size": [int(row["rle_h"]), int(row["rle_w"])], "counts": row["rle_counts"]}
     score = float(row["score"])
     return {
@@ -288,6 +527,7 @@ def row_to_result(row: dict) -> dict:
         "score": score if math.isfinite(score) else 0.0,
         "bbox": rle_utils.to_bbox(r),
         "instance_id": int(row["instance_id"]),
+        **({"source_file": row["source_file"]} if with_source else {}),
     }
 
 

@@ -163,13 +163,29 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         blob = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError for anything but plain data
-        raise ValueError(f"refusing to load checkpoint {path}: not a plain-data checkpoint ({e.__class__.__name__}: {str(e)[:200]})") from e
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if "Weights only load failed" in str(e):  # torch refused a pickled object: never unpickle it
+            raise ValueError(f"refusing to load checkpoint {path}: it holds Python objects, not plain data "
+                             f"(bpr checkpoints are plain tensors and values; {first})") from None
+        raise ValueError(f"cannot read checkpoint {path}: not a torch checkpoint, or truncated "
+                         f"({e.__class__.__name__}: {first})") from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a bpr checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    config = BPRConfig.from_dict(blob["config"])
+    if not isinstance(blob.get("config"), dict) or not isinstance(blob.get("state_dict"), dict):
+        raise ValueError(f"checkpoint {path} lacks its config or state_dict")
+    try:
+        config = BPRConfig.from_dict(blob["config"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"checkpoint {path} has an invalid config: {e}") from None
     model = build_model(config.model)
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:  # missing/unexpected keys or shape mismatches: one line, not 170
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        detail = "; ".join(lines[1:3]) if len(lines) > 1 else lines[0] if lines else ""
+        raise ValueError(f"checkpoint {path}: its weights do not fit the {config.model!r} architecture its config "
+                         f"declares ({detail[:300]})") from None
     return LoadedCheckpoint(model=model, config=config, model_card=dict(blob.get("model_card") or {}))
 
 

@@ -72,7 +72,7 @@ class Scorer:
 def collect(set_dir: Path, refiner, cfg, margins, log) -> list[dict]:
     """Per matched instance: size, coarse area, and (IoU, boundary IoU, IoU with coarse) of the
     coarse mask and of the refined mask at each gate margin."""
-    from pipeline.stages import decode_image
+    from bpr_core.imageio import decode_image
 
     gt_file, coarse_file = set_dir / "annotations.json", set_dir / "coarse.json"
     for f in (gt_file, coarse_file, set_dir / "images"):

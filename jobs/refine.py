@@ -24,11 +24,32 @@ from pathlib import Path
 from bpr_core import BPRConfig
 from bpr_core.config import OFFICIAL_RULES
 from bpr_core.formats import InputError
+from bpr_core.imageio import DEFAULT_MAX_PIXELS, EXIF_POLICIES
 from bpr_core.refiner import DEFAULT_WEIGHTS
 
 from ._cli import run_main
 
 DEMO_IMAGES, DEMO_SEED = 24, 2024
+
+
+def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: a number within bounds, or a one-line usage error naming the bound."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if v != v or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
+            lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+            hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {' and '.join(x for x in (lo_s, hi_s) if x)})")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _number(int, lo=1), _number(int, lo=0)
+UNIT = _number(float, lo=0.0, hi=1.0)
 
 
 def build_parser(prog: str = "python -m jobs.refine", doc: str = __doc__, coarse: bool = True) -> argparse.ArgumentParser:
@@ -37,9 +58,20 @@ def build_parser(prog: str = "python -m jobs.refine", doc: str = __doc__, coarse
     io_ = ap.add_argument_group("inputs and outputs")
     io_.add_argument("--images", help="root of the image files (local or s3://)")
     if coarse:
-        io_.add_argument("--coarse", help="coarse instances: COCO results JSON or instance Parquet")
+        io_.add_argument("--coarse", help="coarse instances: COCO results JSON (plain or gzip) or instance Parquet (a file, or a directory of files)")
     io_.add_argument("--image-info", help="image index: COCO-style JSON with 'images', or CSV/Parquet image_id,path")
     io_.add_argument("--out", default="demo_out", help="output prefix (local or s3://; default demo_out)")
+    p = ap.add_argument_group("input policies (README: reliability)")
+    p.add_argument("--exif", choices=EXIF_POLICIES, default="stored",
+                   help="stored: decode the pixels as stored, ignoring the EXIF orientation tag (masks sized to the file, "
+                        "as COCO's are); apply: rotate by the tag first (masks from a detector that did, e.g. detectron2) "
+                        "(default stored)")
+    p.add_argument("--max-image-pixels", type=NON_NEGATIVE, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"quarantine images and masks with more than N pixels, checked from the header before decoding "
+                        f"(default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
+    p.add_argument("--allow-absolute-paths", action="store_true",
+                   help="let image-index file_names be absolute paths or URIs (default: refused; relative ones must stay "
+                        "inside --images)")
     m = ap.add_argument_group("model")
     m.add_argument("--refiner", default=None, choices=["network", "guided-filter", "identity"],
                    help="network (default when a model is available), guided-filter (non-learned baseline), "
@@ -47,14 +79,14 @@ def build_parser(prog: str = "python -m jobs.refine", doc: str = __doc__, coarse
     m.add_argument("--checkpoint", help=f"model checkpoint (default: the shipped model, {DEFAULT_WEIGHTS.name})")
     c = ap.add_argument_group("algorithm (defaults: the checkpoint's own config; BPRConfig's for the other refiners)")
     d = BPRConfig()
-    c.add_argument("--patch-size", type=int, help=f"patch side in px; a network uses its checkpoint's and refuses another (else {d.patch_size})")
-    c.add_argument("--nms-iou", type=float, help=f"patch NMS IoU (default {d.nms_iou})")
-    c.add_argument("--context-pad", type=int, help="context pixels around each patch; a network uses its checkpoint's (else 0)")
-    c.add_argument("--min-area", type=int, help="pass through instances smaller than this many pixels (default: the checkpoint's)")
-    c.add_argument("--gate-margin", type=float,
+    c.add_argument("--patch-size", type=_number(int, lo=2), help=f"patch side in px; a network uses its checkpoint's and refuses another (else {d.patch_size})")
+    c.add_argument("--nms-iou", type=UNIT, help=f"patch NMS IoU (default {d.nms_iou})")
+    c.add_argument("--context-pad", type=NON_NEGATIVE, help="context pixels around each patch; a network uses its checkpoint's (else 0)")
+    c.add_argument("--min-area", type=NON_NEGATIVE, help="pass through instances smaller than this many pixels (default: the checkpoint's)")
+    c.add_argument("--gate-margin", type=_number(float, lo=0.0, hi=0.5, hi_open=True),
                    help="do-no-harm: a pixel leaves its coarse value only where the patch probability is beyond 0.5 +- this "
                         "(default: the checkpoint's calibrated value; 0 = official)")
-    c.add_argument("--min-keep-iou", type=float,
+    c.add_argument("--min-keep-iou", type=UNIT,
                    help="do-no-harm: keep a refined instance only if its IoU with the coarse mask is at least this "
                         "(default: the checkpoint's calibrated value; 0 = official)")
     c.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
@@ -62,21 +94,21 @@ def build_parser(prog: str = "python -m jobs.refine", doc: str = __doc__, coarse
     c.add_argument("--official", action="store_true",
                    help="the paper's reassembly: all do-no-harm rules off (min-area, gate-margin, min-keep-iou = 0)")
     r = ap.add_argument_group("execution")
-    r.add_argument("--visualize", type=int, default=0, metavar="N",
+    r.add_argument("--visualize", type=NON_NEGATIVE, default=0, metavar="N",
                    help="write N before/after overlay PNGs (coarse red, refined green, patches yellow) to OUT/visualize/")
     r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
-    r.add_argument("--shard-size", type=int, default=1000, help="images per shard, the unit of resume and commit (default 1000)")
-    r.add_argument("--batch-size", type=int, default=64, help="patches per network batch (default 64)")
-    r.add_argument("--refine-actors", type=int, default=1, help="refinement actors (default 1)")
-    r.add_argument("--extract-actors", type=int, default=1, help="patch-extraction actors (default 1)")
-    r.add_argument("--refine-cpus", type=float, default=0.5,
+    r.add_argument("--shard-size", type=POSITIVE, default=1000, help="images per shard, the unit of resume and commit (default 1000)")
+    r.add_argument("--batch-size", type=POSITIVE, default=64, help="patches per network batch (default 64)")
+    r.add_argument("--refine-actors", type=POSITIVE, default=1, help="refinement actors (default 1)")
+    r.add_argument("--extract-actors", type=POSITIVE, default=1, help="patch-extraction actors (default 1)")
+    r.add_argument("--refine-cpus", type=_number(float, lo=0.0, lo_open=True), default=0.5,
                    help="logical CPUs reserved per refinement actor; its torch threads are max(1, int(this)) (default 0.5)")
-    r.add_argument("--shards-in-flight", type=int, default=2,
+    r.add_argument("--shards-in-flight", type=POSITIVE, default=2,
                    help="shards processed at once, committed in order (default 2: one streams through the network "
                         "while the previous one is reassembled and written)")
-    r.add_argument("--reassemble-partitions", type=int, default=1, help="groupby partitions per shard (default 1)")
+    r.add_argument("--reassemble-partitions", type=POSITIVE, default=1, help="groupby partitions per shard (default 1)")
     r.add_argument("--device", default="auto", help="auto (GPU actors if the cluster has GPUs), cpu or cuda")
-    r.add_argument("--num-cpus", type=int, help="CPUs for a private local Ray (default: all)")
+    r.add_argument("--num-cpus", type=POSITIVE, help="CPUs for a private local Ray (default: all)")
     return ap
 
 
@@ -122,7 +154,8 @@ def options_from_args(args):
                          shard_size=args.shard_size, batch_size=args.batch_size, refine_actors=args.refine_actors,
                          extract_actors=args.extract_actors, refine_cpus=args.refine_cpus, device=args.device,
                          reassemble_partitions=args.reassemble_partitions,
-                         shards_in_flight=args.shards_in_flight, visualize=args.visualize,
+                         shards_in_flight=args.shards_in_flight, visualize=args.visualize, exif=args.exif,
+                         max_image_pixels=args.max_image_pixels, allow_absolute_paths=args.allow_absolute_paths,
                          fail_on_batch=int(os.environ["BPR_FAIL_ON_BATCH"]) if os.environ.get("BPR_FAIL_ON_BATCH") else None)
 
 
@@ -136,13 +169,22 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("the embedded demo writes locally; give --out a local path")
         args.images, args.coarse, args.image_info = ensure_demo_data(args.out)
         args.out = str(Path(args.out) / "refined")
-    from pipeline.refine_job import check_inputs, run
+    import time
+
+    from pipeline.refine_job import prepare_shards, run
     from pipeline.runtime import init_ray
 
+    started = time.time()
     opts = options_from_args(args)
-    check_inputs(opts)
-    init_ray(args.address, args.num_cpus)
-    manifest = run(opts)
+    # Options, inputs, output location and checkpoint are checked, and the whole input read and
+    # validated record by record, before Ray starts: a malformed file or bad option is one line.
+    prepared = prepare_shards(opts)
+    try:
+        init_ray(args.address, args.num_cpus)
+    except BaseException:
+        prepared[0].close()
+        raise
+    manifest = run(opts, prepared, started)
     stats = manifest.pop("_stats", "")
     c = manifest["counts"]
     print(f"\nrefined {c.get('refined', 0)}, passed through {c.get('passed_through', 0)}, quarantined "

@@ -34,6 +34,9 @@ from bpr_core.synthetic import write_dataset
 from .procmem import PeakRSS
 from .refine_job import RefineOptions, run
 
+# bpr decodes stored pixels (bpr_core.imageio EXIF policy); the baselines here read the same way.
+STORED = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+
 
 def dataset(root: Path, n: int, seed: int = 500) -> Path:
     d = root / f"synth-{n}-{seed}"
@@ -51,7 +54,7 @@ def all_patches(d: Path, cfg: BPRConfig, keep_instances: bool = False):
     cache = {}
     for r in rows:
         if r["image_id"] not in cache:
-            cache = {r["image_id"]: cv2.cvtColor(cv2.imread(str(d / "images" / index[r["image_id"]].file_name)), cv2.COLOR_BGR2RGB)}
+            cache = {r["image_id"]: cv2.cvtColor(cv2.imread(str(d / "images" / index[r["image_id"]].file_name), STORED), cv2.COLOR_BGR2RGB)}
         m = rle_utils.decode({"size": [r["rle_h"], r["rle_w"]], "counts": r["rle_counts"]})
         boxes = propose_patches(m, cfg)
         if len(boxes):
@@ -163,7 +166,7 @@ def gpu_runs(d: Path, root: Path, checkpoint: str | None, batch_size: int) -> di
 def _split_one(args):
     i, row, image_path, gt_masks, cfg_dict, root = args
     cfg = BPRConfig.from_dict(cfg_dict)
-    img = cv2.imread(image_path)  # BGR, as cv2 writes it back
+    img = cv2.imread(image_path, STORED)  # BGR, as cv2 writes it back
     m = rle_utils.decode({"size": [row["rle_h"], row["rle_w"]], "counts": row["rle_counts"]})
     boxes = propose_patches(m, cfg)
     # the official split needs GT even at inference: it writes GT patches too
@@ -213,7 +216,7 @@ def official_style(d: Path, work: Path, checkpoint: str | None, batch_size: int,
     outputs = {}
     for s in range(0, len(names), batch_size):
         chunk = names[s : s + batch_size]
-        imgs = np.stack([cv2.cvtColor(cv2.imread(str(work / "img" / n)), cv2.COLOR_BGR2RGB) for n in chunk])
+        imgs = np.stack([cv2.cvtColor(cv2.imread(str(work / "img" / n), STORED), cv2.COLOR_BGR2RGB) for n in chunk])
         msks = np.stack([cv2.imread(str(work / "mask" / n), cv2.IMREAD_GRAYSCALE) // 255 for n in chunk])
         probs = refiner.predict(imgs, msks)
         for n, p in zip(chunk, probs):

@@ -31,10 +31,13 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bpr_core import BPRConfig
-from bpr_core.formats import INSTANCE_COLUMNS, REFINED_SCHEMA, InputError, load_image_index, row_to_result
+from bpr_core.formats import (INSTANCE_COLUMNS, REFINED_SCHEMA, ImageIndex, InputError, RecordError, invalid_row,
+                              iter_results_json, read_image_index, row_to_result, table_row)
+from bpr_core.imageio import DEFAULT_MAX_PIXELS, EXIF_POLICIES
 from bpr_core.refiner import make_patch_refiner
 
 from . import storage
@@ -43,7 +46,7 @@ from .stages import ExtractPatches, RefinePatches, reassemble_image
 log = logging.getLogger(__name__)
 
 WORK_SCHEMA = pa.schema(list(pa.schema([(n, REFINED_SCHEMA.field(n).type) for n in INSTANCE_COLUMNS]))
-                        + [("source_file", pa.string()), ("file_name", pa.string())])
+                        + [("source_file", pa.string()), ("position", pa.int64()), ("file_name", pa.string())])
 
 
 @dataclass
@@ -72,16 +75,40 @@ class RefineOptions:
     device: str = "auto"  # auto: GPU actors when the cluster has GPUs
     fail_on_batch: int | None = None  # fault injection (tests)
     visualize: int = 0  # write this many before/after overlay PNGs to OUT/visualize/
+    # Input policies (README, reliability): how images are decoded and which paths may be read.
+    exif: str = "stored"  # stored pixels, or "apply" the EXIF orientation (bpr_core.imageio)
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # images and masks above it are quarantined; 0 = no limit
+    allow_absolute_paths: bool = False  # index file_names must be relative to --images unless set
+
+    def validate(self) -> None:
+        """Sizes and counts must be positive: one clear error instead of a ZeroDivisionError."""
+        for name in ("shard_size", "batch_size", "refine_actors", "extract_actors", "reassemble_partitions",
+                     "images_per_block", "batches_per_block", "shards_in_flight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if not isinstance(self.refine_cpus, (int, float)) or not self.refine_cpus > 0:
+            raise InputError(f"refine-cpus must be > 0, got {self.refine_cpus!r}")
+        if not isinstance(self.visualize, int) or self.visualize < 0:
+            raise InputError(f"visualize must be >= 0, got {self.visualize!r}")
+        if not isinstance(self.max_image_pixels, int) or self.max_image_pixels < 0:
+            raise InputError(f"max-image-pixels must be >= 0 (0 = no limit), got {self.max_image_pixels!r}")
+        if self.exif not in EXIF_POLICIES:
+            raise InputError(f"exif must be one of {', '.join(EXIF_POLICIES)}, got {self.exif!r}")
+
+    def read_policy(self) -> str:
+        """The input policies that change which instances are refined and how (part of shard keys)."""
+        return f"exif={self.exif};max_pixels={self.max_image_pixels};absolute={int(self.allow_absolute_paths)}"
 
 
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _load_index(loc: storage.Location):
+def _load_index(loc: storage.Location) -> ImageIndex:
     """The image index, read through the filesystem (a temporary copy for object stores)."""
     if not loc.is_s3:
-        return load_image_index(loc.path)
+        return read_image_index(loc.path)
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -89,16 +116,19 @@ def _load_index(loc: storage.Location):
         with open(tmp, "wb") as f:
             f.write(storage.read_bytes(loc))
         try:
-            return load_image_index(tmp)
+            return read_image_index(tmp)
         except InputError as e:  # name the user's input, not the temporary copy
             raise InputError(str(e).replace(tmp, loc.uri)) from None
 
 
 def check_inputs(opts: RefineOptions) -> None:
-    """Fail fast, before Ray starts or any work is done, on missing or unreadable inputs."""
+    """Fail fast, before Ray starts or any work is done, on bad options, missing or unreadable
+    inputs, an output location that cannot be written, and a checkpoint that cannot be used."""
+    opts.validate()
     storage.check_readable(opts.image_info, "image index")
     storage.check_readable(opts.coarse, "coarse results")
     storage.check_readable(opts.images, "images")
+    storage.check_writable(opts.out, "output location")
     check_model(opts)
 
 
@@ -162,62 +192,113 @@ class ShardSpill:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _iter_instances(coarse_loc: storage.Location, index) -> "Iterator[dict]":
-    from bpr_core.formats import iter_results_json
+INT_TYPES = (pa.types.is_integer, pa.types.is_floating)  # floats are checked per row for exact integers
+COLUMN_TYPES = {"image_id": INT_TYPES, "instance_id": INT_TYPES, "category_id": INT_TYPES, "rle_h": INT_TYPES,
+                "rle_w": INT_TYPES, "score": INT_TYPES, "rle_counts": (pa.types.is_string, pa.types.is_large_string)}
 
-    if coarse_loc.path.lower().endswith(".json"):
-        with coarse_loc.fs.open_input_stream(coarse_loc.path) as raw:  # streamed, local or object store
-            yield from iter_results_json(io.TextIOWrapper(raw, encoding="utf-8"), index, name=coarse_loc.uri)
-        return
-    import pyarrow.dataset as pads
 
+def _table_files(loc: storage.Location) -> list[storage.Location]:
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.Directory:
+        files = storage.list_files(loc, ".parquet")
+        if not files:
+            raise InputError(f"instance table {loc.uri} is a directory without .parquet files")
+        return files
+    return [loc]
+
+
+def _iter_table_file(loc: storage.Location) -> Iterator[dict]:
+    """Rows of one Parquet file, validated one by one. A file whose schema cannot hold instances
+    (a missing column, a string image_id column) is malformed and fails the job before any work."""
     try:
-        dataset = pads.dataset(coarse_loc.path, filesystem=coarse_loc.fs, format="parquet")
+        pf = pq.ParquetFile(loc.fs.open_input_file(loc.path))
     except (OSError, pa.ArrowInvalid) as e:
-        raise InputError(f"cannot read instance table {coarse_loc.uri}: {e}") from None
-    missing = set(INSTANCE_COLUMNS) - set(dataset.schema.names)
+        raise InputError(f"cannot read instance table {loc.uri}: {e}") from None
+    schema = pf.schema_arrow
+    missing = sorted(set(INSTANCE_COLUMNS) - set(schema.names))
     if missing:
-        raise InputError(f"instance table {coarse_loc.uri} lacks columns {sorted(missing)}")
-    for batch in dataset.to_batches(columns=INSTANCE_COLUMNS, batch_size=8192):
-        yield from batch.to_pylist()
+        raise InputError(f"instance table {loc.uri} lacks columns {missing}")
+    for col, checks in COLUMN_TYPES.items():
+        t = schema.field(col).type
+        if not any(c(t) for c in checks):
+            want = "a string" if col == "rle_counts" else "an integer or float"
+            raise InputError(f"instance table {loc.uri}: column {col} has type {t}; expected {want} column")
+    position = 0
+    for batch in pf.iter_batches(columns=INSTANCE_COLUMNS, batch_size=8192):
+        for raw in batch.to_pylist():
+            try:
+                row = table_row(raw)
+            except RecordError as e:
+                row = invalid_row(position, f"{loc.uri} row {position}: {e}", raw)
+            row["position"] = position
+            position += 1
+            yield row
+
+
+def _iter_instances(coarse_loc: storage.Location, index: ImageIndex, sources: list[str]) -> "Iterator[dict]":
+    """Instance rows from a results JSON (plain or gzip) or a Parquet file or dataset, each with its
+    source_file and position; a bad record comes as a row with an `invalid` reason."""
+    if coarse_loc.path.lower().endswith((".json", ".json.gz")):
+        sources.append(coarse_loc.uri)
+        with coarse_loc.fs.open_input_stream(coarse_loc.path, compression=None) as raw:  # streamed, local or object store
+            for position, row in enumerate(iter_results_json(raw, index.records, name=coarse_loc.uri, strict=False)):
+                row["source_file"], row["position"] = coarse_loc.uri, position
+                yield row
+        return
+    for loc in _table_files(coarse_loc):
+        sources.append(loc.uri)
+        for row in _iter_table_file(loc):
+            row["source_file"] = loc.uri
+            yield row
 
 
 def prepare_shards(opts: RefineOptions) -> tuple[ShardSpill, list[dict], int]:
-    """Stream the instances, validate them against the index, and spill them by shard.
+    """Stream the instances, validate them record by record against the index, and spill them by
+    shard. One rule for every bad record: quarantined with a reason naming file, position and field;
+    the job goes on. Only a malformed file (or option) stops it, before any work.
 
-    Returns (shards, quarantined rows, number of input instances).
+    Returns (shards, quarantined rows, number of input instances); `shards.sources` lists the input files.
     """
     check_inputs(opts)
     index_loc, coarse_loc = storage.resolve(opts.image_info), storage.resolve(opts.coarse)
     index = _load_index(index_loc)
-    ranks = {image_id: r for r, image_id in enumerate(sorted(index))}
+    for problem in index.unattributable[:5]:
+        _progress(f"warning: {problem} (entry ignored)")
+    ranks = {image_id: r for r, image_id in enumerate(sorted(index.records))}
     shards = ShardSpill((len(ranks) + opts.shard_size - 1) // opts.shard_size)
+    shards.sources = []
     quarantined, seen, n_in = [], set(), 0
-    for row in _iter_instances(coarse_loc, index):
+    limit = opts.max_image_pixels
+    for row in _iter_instances(coarse_loc, index, shards.sources):
         n_in += 1
-        row["source_file"] = coarse_loc.uri
-        key = (row["image_id"], row["instance_id"])
-        reason = None
-        if row["image_id"] not in ranks:
-            reason = f"image_id {row['image_id']} is not in the image index {opts.image_info}"
-        elif key in seen:
-            reason = f"duplicate instance_id {row['instance_id']} for image_id {row['image_id']}"
-        elif row["score"] is None or not math.isfinite(row["score"]):
-            reason = f"score {row['score']} is not a finite number (image_id {row['image_id']}, instance {row['instance_id']})"
-        seen.add(key)
+        reason = row.pop("invalid", None)
+        if reason is None:
+            image_id = row["image_id"]
+            key = (row["source_file"], image_id, row["instance_id"])
+            if image_id in index.invalid:
+                reason = f"unusable image index entry: {index.invalid[image_id]}"
+            elif image_id not in ranks:
+                reason = f"image_id {image_id} is not in the image index {opts.image_info}"
+            elif key in seen:
+                reason = f"duplicate instance_id {row['instance_id']} for image_id {image_id} in {row['source_file']}"
+            elif limit and row["rle_h"] * row["rle_w"] > limit:
+                reason = (f"mask RLE is {row['rle_h']}x{row['rle_w']} ({row['rle_h'] * row['rle_w'] / 1e6:.1f} MP), "
+                          f"over the pixel limit of {limit / 1e6:g} MP (--max-image-pixels)")
+            seen.add(key)
         if reason:
             quarantined.append({**row, "status": "quarantined", "reason": reason})
             continue
-        row["file_name"] = index[row["image_id"]].file_name
+        row["file_name"] = index.records[row["image_id"]].file_name
         shards.add(ranks[row["image_id"]] // opts.shard_size, row)
     shards.flush()
     return shards, quarantined, n_in
 
 
-def shard_key(rows: list[dict], model_id: str, config_hash: str) -> str:
-    h = hashlib.sha256(f"{model_id}|{config_hash}|".encode())
+def shard_key(rows: list[dict], model_id: str, config_hash: str, read_policy: str = "") -> str:
+    h = hashlib.sha256(f"{model_id}|{config_hash}|{read_policy}|".encode())
     for r in rows:
-        h.update(json.dumps([r[k] for k in INSTANCE_COLUMNS] + [r["file_name"]], default=str).encode())
+        h.update(json.dumps([r[k] for k in INSTANCE_COLUMNS] + [r["source_file"], r["position"], r["file_name"]],
+                            default=str).encode())
     return h.hexdigest()[:16]
 
 
@@ -251,7 +332,8 @@ def run_shard(opts: RefineOptions, rows: list[dict], cfg: BPRConfig, card: dict,
         current.append({k: r[k] for k in WORK_SCHEMA.names})
     blocks.append(current)
     ds = ray.data.from_arrow([pa.Table.from_pylist(b, schema=WORK_SCHEMA) for b in blocks])
-    ds = ds.map_batches(ExtractPatches, fn_constructor_args=(opts.images, cfg.to_dict()), batch_size=None,
+    ds = ds.map_batches(ExtractPatches, fn_constructor_args=(opts.images, cfg.to_dict(), opts.exif, opts.max_image_pixels,
+                                                             opts.allow_absolute_paths), batch_size=None,
                         compute=ActorPoolStrategy(size=opts.extract_actors), num_cpus=0.5, batch_format="numpy")
     ds = ds.map_batches(RefinePatches,
                         fn_constructor_args=(opts.method, opts.checkpoint, device, cfg.to_dict(), max(1, int(opts.refine_cpus)), opts.fail_on_batch,
@@ -284,14 +366,22 @@ def _read_parts(loc: storage.Location) -> pa.Table:
     return pa.concat_tables([t.select(REFINED_SCHEMA.names).cast(REFINED_SCHEMA) for t in tables])
 
 
-def run(opts: RefineOptions) -> dict:
-    t0 = time.time()
-    patch_refiner, cfg, card = make_patch_refiner(opts.method, opts.checkpoint, "cpu", opts.config)
-    del patch_refiner
-    model_id = f"{card.get('name')}@{card.get('version', '')}"
-    out = storage.resolve(opts.out)
-    storage.makedirs(out)
-    shards, prep_quarantine, n_in = prepare_shards(opts)
+def run(opts: RefineOptions, prepared: tuple | None = None, started: float | None = None) -> dict:
+    """Run the job. `prepared` is `prepare_shards(opts)` done by the caller (the CLI reads and
+    validates the whole input before Ray starts, so a malformed file fails first); `run` owns and
+    removes its spill files either way."""
+    t0 = started or time.time()
+    try:
+        patch_refiner, cfg, card = make_patch_refiner(opts.method, opts.checkpoint, "cpu", opts.config)
+        del patch_refiner
+        model_id = f"{card.get('name')}@{card.get('version', '')}"
+        out = storage.resolve(opts.out)
+        storage.makedirs(out)
+        shards, prep_quarantine, n_in = prepared or prepare_shards(opts)
+    except BaseException:
+        if prepared:
+            prepared[0].close()
+        raise
     try:
         return _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0)
     finally:
@@ -332,7 +422,7 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
             for i in range(len(shards)):
                 rows = shards[i]
                 name = f"shard-{i:05d}"
-                key = shard_key(rows, model_id, cfg.config_hash())
+                key = shard_key(rows, model_id, cfg.config_hash(), opts.read_policy())
                 keys.append(key)
                 marker = out.join("_commits", f"{name}.json")
                 if storage.exists(marker) and json.loads(storage.read_bytes(marker)).get("key") == key:
@@ -360,7 +450,10 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
             refined.update({(r["image_id"], r["instance_id"]): r["rle_counts"] for r in t.select(["image_id", "instance_id", "rle_counts"]).to_pylist()})
             if len({k[0] for k in refined}) >= opts.visualize:
                 break
-        manifest["outputs"]["visualize"] = write_visualizations(opts.visualize, shards, refined, opts.images, out, cfg)
+        from .stages import ImageReader
+
+        reader = ImageReader(opts.images, opts.exif, opts.max_image_pixels, opts.allow_absolute_paths)
+        manifest["outputs"]["visualize"] = write_visualizations(opts.visualize, shards, refined, opts.images, out, cfg, reader)
     manifest["timings"] = {"total_seconds": round(time.time() - t0, 3), "shards_run": done, "shards_skipped": skipped,
                            "per_shard": timings}
     manifest["device"] = device
@@ -374,6 +467,7 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
     """Stream committed parts into refined.json and quarantine.parquet; check the invariant."""
     counts = defaultdict(int)
     seen: set = set()
+    with_source = len(getattr(shards, "sources", [])) > 1
     duplicates = 0
     quarantine_rows = [{k: r.get(k) for k in REFINED_SCHEMA.names} for r in prep_quarantine]
     for r in quarantine_rows:
@@ -384,16 +478,17 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
         f.write("[")
         first = True
         for i in range(len(shards)):
-            table = _read_parts(out.join("parts", f"shard-{i:05d}")).sort_by([("image_id", "ascending"), ("instance_id", "ascending")])
+            table = _read_parts(out.join("parts", f"shard-{i:05d}")).sort_by(
+                [("image_id", "ascending"), ("instance_id", "ascending"), ("source_file", "ascending")])
             for row in table.to_pylist():
-                k = (row["image_id"], row["instance_id"])
+                k = (row["source_file"], row["image_id"], row["instance_id"])
                 duplicates += k in seen
                 seen.add(k)
                 counts[row["status"]] += 1
                 if row["status"] == "quarantined":
                     quarantine_rows.append(row)
                     continue
-                f.write(("" if first else ",") + "\n" + json.dumps(row_to_result(row), separators=(",", ":")))
+                f.write(("" if first else ",") + "\n" + json.dumps(row_to_result(row, with_source), separators=(",", ":")))
                 first = False
         f.write("\n]\n")
     qt = pa.Table.from_pylist(quarantine_rows, schema=REFINED_SCHEMA)

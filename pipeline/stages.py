@@ -18,26 +18,52 @@ import numpy as np
 
 from bpr_core import BPRConfig, crop_patches, propose_patches, reassemble, skip_reason
 from bpr_core import rle as rle_utils
+from bpr_core.imageio import DEFAULT_MAX_PIXELS, ImageHeader, ImageRejected, decode_image, read_header, size_mismatch_reason
 
-from .storage import read_bytes, resolve
+from .storage import PathRejected, confine, read_bytes, resolve
+
+__all__ = ["ImageReader", "ExtractPatches", "RefinePatches", "reassemble_image", "decode_image"]
 
 # Columns carried by every row from extraction to reassembly.
-META = ("image_id", "instance_id", "category_id", "score", "rle_counts", "rle_h", "rle_w", "source_file")
+META = ("image_id", "instance_id", "category_id", "score", "rle_counts", "rle_h", "rle_w", "source_file", "position")
 
 
-def decode_image(data: bytes, where: str) -> np.ndarray:
-    """Encoded image bytes -> HxWx3 uint8 RGB (grey, RGBA, palette and 16-bit are converted)."""
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        raise ValueError(f"cannot decode image {where}")
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+class ImageReader:
+    """Reads an index's file_name under the images root with the job's policies: the path confined
+    to the root (storage.confine), the pixel limit checked from the header, and the EXIF policy
+    (bpr_core.imageio). `read` raises ImageUnusable with the reason an instance is quarantined for."""
+
+    def __init__(self, images_uri: str, exif: str = "stored", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 allow_absolute: bool = False):
+        self.root = resolve(images_uri)
+        self.exif, self.max_pixels, self.allow_absolute = exif, max_pixels, allow_absolute
+
+    def read(self, file_name: str) -> tuple[np.ndarray, ImageHeader, str]:
+        """-> (HxWx3 RGB, header, the URI it was read from)."""
+        try:
+            loc = confine(self.root, file_name, self.allow_absolute)
+        except PathRejected as e:
+            raise ImageUnusable(str(e)) from None
+        try:
+            data = read_bytes(loc)
+            header = read_header(data, loc.uri)
+            return decode_image(data, loc.uri, self.exif, self.max_pixels, header), header, loc.uri
+        except ImageRejected as e:
+            raise ImageUnusable(str(e)) from None
+        except Exception as e:  # missing or unreadable
+            raise ImageUnusable(f"image {loc.uri} unreadable: {e.__class__.__name__}: {str(e)[:200]}") from None
+
+
+class ImageUnusable(ValueError):
+    """Why an image cannot be used (its instances are quarantined with this reason)."""
 
 
 class ExtractPatches:
     """Instance rows (with file_name) -> patch rows. One image read per image in the batch."""
 
-    def __init__(self, images_uri: str, config: dict):
-        self.root = resolve(images_uri)
+    def __init__(self, images_uri: str, config: dict, exif: str = "stored", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 allow_absolute: bool = False):
+        self.reader = ImageReader(images_uri, exif, max_pixels, allow_absolute)
         self.cfg = BPRConfig.from_dict(config)
         cv2.setNumThreads(1)
 
@@ -69,17 +95,16 @@ class ExtractPatches:
             key = (batch["image_id"][i], batch["file_name"][i])
             if key != image_key:
                 image_key, image, image_err = key, None, None
-                where = self.root.join(str(key[1])).uri
                 try:
-                    image = decode_image(read_bytes(self.root.join(str(key[1]))), where)
-                except Exception as e:  # missing, unreadable or corrupt: quarantine its instances
-                    image_err = f"image {where} unreadable: {e.__class__.__name__}: {str(e)[:200]}"
+                    image, header, where = self.reader.read(str(key[1]))
+                except ImageUnusable as e:  # outside the root, missing, too large, corrupt: quarantine its instances
+                    image_err = str(e)
             if image_err is not None:
                 emit(i, "quarantined", image_err)
                 continue
             h, w = int(batch["rle_h"][i]), int(batch["rle_w"][i])
             if image.shape[:2] != (h, w):
-                emit(i, "quarantined", f"image {batch['file_name'][i]} is {image.shape[0]}x{image.shape[1]} but the mask RLE is {h}x{w}")
+                emit(i, "quarantined", size_mismatch_reason(where, image.shape[:2], (h, w), header, self.reader.exif))
                 continue
             try:
                 mask = rle_utils.decode({"size": [h, w], "counts": batch["rle_counts"][i]})
@@ -105,7 +130,7 @@ class ExtractPatches:
 
 
 def _empty_patch_batch(s: int) -> dict:
-    d = {k: np.zeros(0, dtype=np.int64) for k in ("image_id", "instance_id", "category_id", "rle_h", "rle_w")}
+    d = {k: np.zeros(0, dtype=np.int64) for k in ("image_id", "instance_id", "category_id", "rle_h", "rle_w", "position")}
     d.update({k: np.zeros(0, dtype=object) for k in ("rle_counts", "source_file", "status", "reason")})
     d["score"] = np.zeros(0)
     d["has_patch"] = np.zeros(0, bool)
@@ -160,11 +185,13 @@ def reassemble_image(group: dict, config: dict, model_name: str, model_version: 
     Data's per-group cost in map_groups was several times the paste itself, and an image holds
     ~4 instances on average (more on COCO)."""
     cfg = BPRConfig.from_dict(config)
-    ids = np.asarray(group["instance_id"])
-    order = np.argsort(ids, kind="stable")
-    _, starts = np.unique(ids[order], return_index=True)
+    # An instance is (source file, instance_id): files of a multi-file input may each number from 0.
+    members: dict[tuple, list[int]] = {}
+    for j, key in enumerate(zip(group["instance_id"], group["source_file"])):
+        members.setdefault((int(key[0]), str(key[1])), []).append(j)
     rows = []
-    for idx in np.split(order, starts[1:]):
+    for key in sorted(members):
+        idx = np.asarray(members[key])
         rows.append(reassemble_instance({k: v[idx] for k, v in group.items()}, cfg, model_name, model_version, config_hash))
     return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
 

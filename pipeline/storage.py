@@ -50,8 +50,25 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def redact(uri: str) -> str:
+    """A URI safe to print: any user:password@ part and query string masked."""
+    head, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    out = f"{head}://{netloc}{slash}{path}"
+    return out.split("?", 1)[0] + ("?***" if "?" in out else "")
+
+
 def resolve(uri: str) -> Location:
     if uri.startswith("s3://"):
+        netloc = uri[len("s3://"):].split("/", 1)[0]
+        if "@" in netloc or "?" in uri:
+            # Never echo the URI as given: it may hold an access key and secret.
+            raise InputError(f"credentials or query parameters in an s3:// URI are not accepted ({redact(uri)}): "
+                             "give them through the standard AWS variables, profile or instance role")
         return Location(s3_filesystem(), uri[len("s3://"):].rstrip("/"), uri.rstrip("/"))
     if "://" in uri and not uri.startswith("file://"):
         raise InputError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
@@ -137,6 +154,62 @@ def list_files(loc: Location, suffix: str = "") -> list[Location]:
             rel = i.path[len(loc.path):].lstrip("/")
             out.append(loc.join(rel))
     return out
+
+
+class PathRejected(ValueError):
+    """An image path from an index that is not allowed: it leaves the image root, or is absolute."""
+
+
+def confine(root: Location, name: str, allow_absolute: bool = False) -> Location:
+    """The location of image `name` (a file_name from an image index) under `root`, refusing any
+    that leaves the root: `..` components, absolute paths (unless `allow_absolute`), and locally
+    a symlink inside the root that points outside it. On S3 the key must stay in the root's bucket
+    under its prefix (S3 has no `..`, but a joined path is normalised by the client, which is how
+    another bucket could be read)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise PathRejected(f"file_name {name!r} is not a usable path")
+    absolute = "://" in name or name.startswith(("/", "\\")) or os.path.isabs(name)
+    if absolute:
+        if not allow_absolute:
+            raise PathRejected(f"file_name {name!r} is an absolute path; absolute paths are refused unless "
+                               "--allow-absolute-paths is given")
+        return resolve(name)
+    if root.is_s3:
+        prefix = root.path.rstrip("/")
+        path = posixpath.normpath(posixpath.join(prefix, name))
+        if not path.startswith(prefix + "/"):
+            raise PathRejected(f"file_name {name!r} resolves outside the image root {root.uri}")
+        return Location(root.fs, path, "s3://" + path)
+    path = os.path.normpath(os.path.join(root.path, name))
+    if not path.startswith(root.path.rstrip(os.sep) + os.sep):
+        raise PathRejected(f"file_name {name!r} resolves outside the image root {root.uri}")
+    real, real_root = os.path.realpath(path), os.path.realpath(root.path)
+    if not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise PathRejected(f"file_name {name!r} is a symlink that leads outside the image root {root.uri}")
+    return Location(root.fs, real, path)
+
+
+def check_writable(uri: str, what: str = "output location") -> Location:
+    """Fail fast, before any work, if the output location cannot be created or written."""
+    loc = resolve(uri)
+    if loc.is_s3:
+        bucket = loc.path.split("/", 1)[0]
+        try:
+            info = loc.fs.get_file_info(bucket)
+        except OSError as e:
+            raise InputError(f"cannot reach {what} {loc.uri}: {str(e).splitlines()[0]}") from None
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"{what} {loc.uri}: bucket {bucket!r} does not exist")
+        return loc
+    if os.path.exists(loc.path) and not os.path.isdir(loc.path):
+        raise InputError(f"{what} {loc.path} exists and is not a directory")
+    try:
+        os.makedirs(loc.path, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create {what} {loc.path}: {e.strerror}") from None
+    if not os.access(loc.path, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {loc.path} is not writable")
+    return loc
 
 
 def check_readable(uri: str, what: str) -> Location:

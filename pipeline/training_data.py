@@ -20,8 +20,7 @@ from bpr_core import rle as rle_utils
 from bpr_core.formats import load_coco_gt, load_image_index, read_results_json
 from bpr_core.training import match_gt, training_patches
 
-from .stages import decode_image
-from .storage import read_bytes, resolve
+from .stages import ImageReader
 
 
 def instance_table(images: str, coarse: str, gt: str, sample: int | None = None, seed: int = 0) -> pa.Table:
@@ -56,7 +55,7 @@ class MatchAndExtract:
         import cv2
 
         cv2.setNumThreads(1)
-        self.root = resolve(images_uri)
+        self.reader = ImageReader(images_uri)  # the same path confinement and EXIF policy as refinement
         self.cfg = BPRConfig.from_dict(config)
         self.nms_iou, self.min_iou = nms_iou, min_iou
 
@@ -67,7 +66,7 @@ class MatchAndExtract:
         for i in np.argsort(batch["image_id"], kind="stable"):
             if batch["file_name"][i] != cache_key:
                 cache_key = batch["file_name"][i]
-                image = decode_image(read_bytes(self.root.join(str(cache_key))), str(cache_key))
+                image = self.reader.read(str(cache_key))[0]
             size = [int(batch["rle_h"][i]), int(batch["rle_w"][i])]
             coarse = rle_utils.decode({"size": size, "counts": batch["rle_counts"][i]})
             gts = [rle_utils.decode({"size": size, "counts": c}) for c in batch["gt_counts"][i]]

@@ -10,7 +10,7 @@ from bpr_core import BPRConfig, propose_patches
 from bpr_core import rle as rle_utils
 
 from . import storage
-from .stages import decode_image
+from .stages import ImageReader
 
 
 def overlay(image: np.ndarray, coarse: list[np.ndarray], refined: list[np.ndarray], config: BPRConfig, scale: int = 2) -> np.ndarray:
@@ -30,9 +30,10 @@ def overlay(image: np.ndarray, coarse: list[np.ndarray], refined: list[np.ndarra
 
 
 def write_visualizations(n: int, shards: list[list[dict]], refined_rows: dict, images_uri: str, out: storage.Location,
-                         config: BPRConfig) -> list[str]:
-    """The first `n` images (by id) that have refined instances -> OUT/visualize/<image_id>.png."""
-    root = storage.resolve(images_uri)
+                         config: BPRConfig, reader: ImageReader | None = None) -> list[str]:
+    """The first `n` images (by id) that have refined instances -> OUT/visualize/<image_id>.png.
+    `reader` carries the job's image policies (path confinement, EXIF, pixel limit)."""
+    reader = reader or ImageReader(images_uri)
     written: list[str] = []
     for shard_rows in shards:  # shards hold consecutive image ids; stop reading once n are drawn
         if len(written) >= n:
@@ -44,14 +45,14 @@ def write_visualizations(n: int, shards: list[list[dict]], refined_rows: dict, i
         for image_id in sorted(by_image):
             if len(written) >= n:
                 break
-            written.append(_draw(image_id, by_image[image_id], refined_rows, root, out, config))
+            written.append(_draw(image_id, by_image[image_id], refined_rows, reader, out, config))
     return written
 
 
-def _draw(image_id: int, rows: list[dict], refined_rows: dict, root: storage.Location, out: storage.Location,
+def _draw(image_id: int, rows: list[dict], refined_rows: dict, reader: ImageReader, out: storage.Location,
           config: BPRConfig) -> str:
     """One overlay PNG -> its URI."""
-    image = decode_image(storage.read_bytes(root.join(rows[0]["file_name"])), rows[0]["file_name"])
+    image = reader.read(rows[0]["file_name"])[0]
     size = lambda r: [int(r["rle_h"]), int(r["rle_w"])]  # noqa: E731
     coarse = [rle_utils.decode({"size": size(r), "counts": r["rle_counts"]}) for r in rows]
     refined = [rle_utils.decode({"size": size(r), "counts": refined_rows[(image_id, r["instance_id"])]}) for r in rows]

@@ -71,7 +71,7 @@ def test_malformed_results_name_the_file_and_entry(tmp_path):
     with pytest.raises(InputError, match="res.json is not valid JSON"):
         read_results_json(p)
     p.write_text(json.dumps([{"image_id": 1, "category_id": 1, "score": 1, "segmentation": {"size": [2, 2], "counts": [1, 2]}}]))
-    with pytest.raises(InputError, match=r"entry 0.*invalid segmentation"):
+    with pytest.raises(InputError, match=r"res.json entry 0: segmentation.counts \(uncompressed RLE\) covers 3 pixels, not 2x2"):
         read_results_json(p)
 
 
@@ -88,3 +88,68 @@ def test_streamed_results_equal_whole_file_parse(synthetic_small, tmp_path):
     for bad, msg in (("[{\"a\": 1}", "not closed"), ("[1 2]", "expected ','"), ("", "empty")):
         with pytest.raises(InputError, match=msg):
             list(iter_json_array(io.StringIO(bad), "t", chunk_size=2))
+
+
+def test_reader_stops_at_the_first_bad_character_without_reading_on(tmp_path):
+    """Bounded memory, fail fast: NUL padding after one entry is reported after reading about one
+    chunk, not the whole (here 64 MiB) stream."""
+    import io
+
+    from bpr_core.formats import iter_json_array
+
+    class Counting(io.StringIO):
+        read_chars = 0
+
+        def read(self, n=-1):
+            data = super().read(n)
+            Counting.read_chars += len(data)
+            return data
+
+    text = '[{"a": 1},' + "\x00" * (64 << 20)
+    with pytest.raises(InputError, match=r"^t is not valid JSON at character 10 \(entry 1\): Expecting value$"):
+        list(iter_json_array(Counting(text), "t", chunk_size=1 << 16))
+    assert Counting.read_chars <= 2 << 16
+
+
+def test_one_long_entry_is_read_in_linear_work(monkeypatch):
+    """An entry far longer than a chunk is parsed a bounded number of times (the buffer doubles),
+    not once per chunk: count the decoder's calls."""
+    import io
+    import json as _json
+
+    from bpr_core import formats
+
+    entry = {"segmentation": [[1.5] * 200_000]}
+    text = "[" + _json.dumps(entry) + "]"
+    calls = []
+    real = _json.JSONDecoder.raw_decode
+
+    class Counted(_json.JSONDecoder):
+        def raw_decode(self, s, idx=0):
+            calls.append(idx)
+            return real(self, s, idx)
+
+    monkeypatch.setattr(formats.json, "JSONDecoder", Counted)
+    assert list(formats.iter_json_array(io.StringIO(text), "t", chunk_size=1024)) == [entry]
+    assert len(text) // 1024 > 900 and len(calls) <= 12  # ~log2(text / chunk) + a few, not one per chunk (~970)
+
+
+def test_gzip_index_and_strict_record_errors(tmp_path):
+    import gzip
+
+    from bpr_core.formats import read_image_index
+
+    p = tmp_path / "index.json.gz"
+    p.write_bytes(gzip.compress(b"\xef\xbb\xbf" + json.dumps({"images": [{"id": 1, "file_name": "a.png"}]}).encode()))
+    assert load_image_index(p)[1].file_name == "a.png"
+    dup = tmp_path / "dup.csv"
+    dup.write_text("\ufeffimage_id,path\n1,a.png\n1,b.png\n2,c.png\n")  # BOM, and image 1 listed twice
+    index = read_image_index(dup)
+    assert list(index.records) == [2]
+    assert index.invalid == {1: f"image_id 1 appears more than once in the image index {dup} (row 0 and row 1)"}
+    with pytest.raises(InputError, match="appears more than once"):
+        load_image_index(dup)
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps([{"image_id": 1, "score": 0.5, "segmentation": {"size": [2, 2], "counts": [4]}}]))
+    with pytest.raises(InputError, match=f"^{res} entry 0: missing category_id$"):
+        read_results_json(res)

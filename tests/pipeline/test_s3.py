@@ -70,3 +70,52 @@ def test_missing_bucket_fails_fast_with_one_message(s3_server, tmp_path):
     assert rc == 2
     assert "error:" in log and "no-such-bucket" in log and "Traceback" not in log
     assert SECRET not in log
+
+
+def test_s3_image_keys_stay_under_the_images_prefix(s3_server, tmp_path):
+    """An index file_name that climbs out of --images (into another bucket, or beside the prefix)
+    is quarantined with the reason, and the rest refines."""
+    import cv2
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from bpr_core import rle
+
+    s3 = _client(s3_server)
+    for bucket in ("bpr-test", "private"):
+        s3.create_bucket(Bucket=bucket)
+    png = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))[1].tobytes()
+    for bucket, key in (("bpr-test", "in/images/a.png"), ("private", "secret.png"), ("bpr-test", "in/other/x.png")):
+        s3.put_object(Bucket=bucket, Key=key, Body=png)
+    names = ["a.png", "../../../private/secret.png", "../other/x.png", "sub/../a.png"]
+    index = {"images": [{"id": i + 1, "file_name": n, "height": 64, "width": 80} for i, n in enumerate(names)]}
+    m = np.zeros((64, 80), bool)
+    m[10:50, 20:60] = True
+    dets = [{"image_id": i + 1, "category_id": 1, "score": 0.5, "segmentation": rle.encode(m)} for i in range(len(names))]
+    s3.put_object(Bucket="bpr-test", Key="in/index.json", Body=json.dumps(index).encode())
+    s3.put_object(Bucket="bpr-test", Key="in/coarse.json", Body=json.dumps(dets).encode())
+    rc, log = run_refine_subprocess(
+        ["--images", "s3://bpr-test/in/images", "--coarse", "s3://bpr-test/in/coarse.json", "--image-info",
+         "s3://bpr-test/in/index.json", "--out", "s3://bpr-test/out", "--refiner", "identity", "--patch-size", "32",
+         "--num-cpus", "2"],
+        {**s3_server, "BPR_RAY_TEMP_DIR": f"/tmp/bprt-s3c-{os.getpid()}-{int(time.time())}"})
+    assert rc == 0, log
+    refined = json.loads(s3.get_object(Bucket="bpr-test", Key="out/refined.json")["Body"].read())
+    assert sorted(e["image_id"] for e in refined) == [1, 4]  # "sub/../a.png" stays inside: fine
+    local = tmp_path / "q.parquet"
+    s3.download_file("bpr-test", "out/quarantine.parquet", str(local))
+    reasons = {r["image_id"]: r["reason"] for r in pq.read_table(local).to_pylist()}
+    assert reasons == {2: "file_name '../../../private/secret.png' resolves outside the image root s3://bpr-test/in/images",
+                       3: "file_name '../other/x.png' resolves outside the image root s3://bpr-test/in/images"}
+
+
+def test_missing_output_bucket_is_one_line_before_any_work(s3_server, synth30, tmp_path, monkeypatch):
+    from bpr_core.formats import InputError
+    from jobs import refine
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(InputError) as e:
+        refine.main(["--images", str(synth30 / "images"), "--coarse", str(synth30 / "coarse.json"), "--image-info",
+                     str(synth30 / "annotations.json"), "--out", "s3://no-such-bucket/out", "--refiner", "identity"])
+    assert str(e.value) == "output location s3://no-such-bucket/out: bucket 'no-such-bucket' does not exist"
