@@ -112,6 +112,8 @@ def _short(v) -> str:
 def exact_int(v, field: str, minimum: int | None = None) -> int:
     """An integer field, exactly: ints, and floats with an integral value (JSON 3.0); never bools,
     strings or 1.7. Must fit int64 (and be >= minimum)."""
+    if type(v) is int and INT64_MIN <= v <= INT64_MAX and (minimum is None or v >= minimum):
+        return v  # the common case, first
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise RecordError(f"{field} {_short(v)} is not an integer" if v is not None else f"{field} is null")
     if isinstance(v, float):
@@ -234,7 +236,7 @@ def _segmentation(seg, image_id: int, sizes: dict[int, ImageRecord] | None) -> t
         size = seg["size"]
         if not isinstance(size, (list, tuple)) or len(size) != 2:
             raise RecordError(f"segmentation.size {_short(size)} is not [height, width]")
-        h, w = (exact_int(v, f"segmentation.size[{k}]", minimum=1) for k, v in enumerate(size))
+        h, w = exact_int(size[0], "segmentation.size[0]", minimum=1), exact_int(size[1], "segmentation.size[1]", minimum=1)
         counts = seg["counts"]
         if isinstance(counts, list):
             if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
@@ -331,15 +333,17 @@ def open_text(raw, what: str):
     import gzip
 
     head = raw.read(4)
-    stream = _Prefixed(head, raw)
+    stream = io.BufferedReader(_Prefixed(head, raw), 1 << 20)  # few, large reads from any source
     if head[:2] == b"\x1f\x8b":
-        stream = gzip.GzipFile(fileobj=stream, mode="rb")
-        head = stream.peek(4)[:4] if hasattr(stream, "peek") else b""
+        stream = io.BufferedReader(gzip.GzipFile(fileobj=stream, mode="rb"), 1 << 20)
+        head = stream.peek(4)[:4]
     for magic, name in ((b"\xff\xfe", "UTF-16/32 (little-endian BOM)"), (b"\xfe\xff", "UTF-16 (big-endian BOM)"),
                         (b"BZh", "a bzip2 archive"), (b"\x28\xb5\x2f\xfd", "a zstd archive"), (b"PK\x03\x04", "a zip archive")):
         if head.startswith(magic):
             raise InputError(f"{what} is {name}; bpr reads UTF-8 JSON, plain or gzip-compressed")
-    return io.TextIOWrapper(stream, encoding="utf-8-sig")
+    if head.startswith(b"\xef\xbb\xbf"):  # skipped here: the utf-8-sig codec decodes in Python, 8 KB at a time
+        stream.read(3)
+    return io.TextIOWrapper(stream, encoding="utf-8")
 
 
 class _Prefixed(io.RawIOBase):

@@ -1,0 +1,119 @@
+"""Benchmark of the input reader: time and peak memory to stream a COCO results JSON of 64 and 128
+MB, and time and bytes read until a corrupt file (valid first entry, then NUL padding) is reported.
+
+    python -m jobs.bench_inputs [--out docs/bench_inputs.json] [--repo PATH] [--pad-mb 512]
+
+Each case runs in a fresh process (peak RSS is that process's ru_maxrss). `--repo` measures the
+`bpr_core.formats` of another checkout (e.g. a `git worktree` of an older commit) with the same
+files, so before/after ratios come from one run. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+from ._cli import run_main
+
+
+def write_results(path: str, mb: int) -> int:
+    """A results list of ~`mb` MB: realistic entries (compressed RLE of ~300 characters)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    alphabet = np.frombuffer(b"0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz", np.uint8)
+    n = 0
+    with open(path, "w") as f:
+        f.write("[")
+        while f.tell() < mb << 20:
+            counts = alphabet[rng.integers(0, len(alphabet), 300)].tobytes().decode()
+            entry = {"image_id": int(n // 8), "category_id": int(1 + n % 80), "score": round(float(rng.random()), 4),
+                     "segmentation": {"size": [480, 640], "counts": counts}}
+            f.write(("," if n else "") + json.dumps(entry))
+            n += 1
+        f.write("]")
+    return n
+
+
+def write_padded(path: str, mb: int) -> None:
+    entry = {"image_id": 1, "category_id": 1, "score": 0.5, "segmentation": {"size": [4, 4], "counts": "04"}}
+    with open(path, "wb") as f:
+        f.write(b"[" + json.dumps(entry).encode() + b",")
+        block = b"\x00" * (1 << 20)
+        for _ in range(mb):
+            f.write(block)
+
+
+# Runs in a child process whose working directory is the checkout being measured, so its
+# bpr_core is the one imported. Streams the file through iter_results_json (rows built and
+# validated) and prints time, rows, bytes read, peak RSS and the error, if any.
+CHILD = r"""
+import io, json, resource, sys, time
+from bpr_core import formats
+path = sys.argv[1]
+class Counting(io.RawIOBase):
+    def __init__(self, f):
+        self.f, self.read_bytes = f, 0
+    def readable(self):
+        return True
+    def readinto(self, b):
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        self.read_bytes += len(data)
+        return len(data)
+t = time.perf_counter()
+counting = Counting(open(path, "rb"))
+# older readers take a text stream; this one takes bytes (gzip/BOM detection)
+source = counting if hasattr(formats, "open_text") else io.TextIOWrapper(io.BufferedReader(counting), encoding="utf-8")
+rows, error = 0, ""
+try:
+    for _ in formats.iter_results_json(source, name=path):
+        rows += 1
+except formats.InputError as e:
+    error = str(e).replace(path, "FILE")[:160]
+print(json.dumps({"seconds": round(time.perf_counter() - t, 3), "rows": rows, "error": error,
+                  "bytes_read_mb": round(counting.read_bytes / 2 ** 20, 1),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench_inputs", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="docs/bench_inputs.json")
+    ap.add_argument("--repo", action="append", default=[], help="another checkout whose reader to measure (repeatable)")
+    ap.add_argument("--pad-mb", type=int, default=512, help="NUL padding after the first entry (default 512 MB)")
+    args = ap.parse_args(argv)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repos = [("this checkout", here)] + [(os.path.abspath(r), os.path.abspath(r)) for r in args.repo]
+    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "cases": []}
+    with tempfile.TemporaryDirectory() as d:
+        files = {}
+        for mb in (64, 128):
+            files[f"results {mb} MB"] = os.path.join(d, f"r{mb}.json")
+            results.setdefault("entries", {})[f"{mb} MB"] = write_results(files[f"results {mb} MB"], mb)
+        files[f"1 entry + {args.pad_mb} MB NUL"] = os.path.join(d, "pad.json")
+        write_padded(files[f"1 entry + {args.pad_mb} MB NUL"], args.pad_mb)
+        print(f"{'reader':<24} {'input':<22} {'s':>7} {'rows':>8} {'read MB':>8} {'peak MB':>8}  error")
+        for label, repo in repos:
+            for case, path in files.items():
+                p = subprocess.run([sys.executable, "-c", CHILD, path], cwd=repo, capture_output=True, text=True, timeout=1800)
+                if p.returncode:
+                    raise RuntimeError(p.stderr[-2000:])
+                r = {"reader": label, "input": case, **json.loads(p.stdout.strip().splitlines()[-1])}
+                results["cases"].append(r)
+                print(f"{label[-24:]:<24} {case:<22} {r['seconds']:>7.2f} {r['rows']:>8} {r['bytes_read_mb']:>8} "
+                      f"{r['peak_rss_mb']:>8}  {r['error'][:70]}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
