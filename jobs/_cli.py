@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable
 
 from bpr_core.formats import InputError
+
+
+def prog_name(module: str) -> str:
+    """How a job names itself in --help and usage errors: `bpr X` under the bpr command, else
+    `python -m jobs.X` (what `ray job submit` runs)."""
+    return f"bpr {module.replace('_', '-')}" if os.environ.get("BPR_CLI") else f"python -m jobs.{module}"
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:

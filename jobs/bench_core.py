@@ -19,7 +19,7 @@ import numpy as np
 
 from bpr_core import BPRConfig, boundary_points, crop_patches, paste_patches, propose_patches
 
-from ._cli import run_main
+from ._cli import prog_name, run_main
 
 
 def masks() -> dict[str, np.ndarray]:
@@ -41,7 +41,7 @@ def best_of(fn, repeat: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.bench_core", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog_name("bench_core"), description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_core.json")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the network timing (default 2)")

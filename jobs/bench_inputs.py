@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 
-from ._cli import run_main
+from ._cli import prog_name, run_main
 
 
 def write_results(path: str, mb: int) -> int:
@@ -83,7 +83,7 @@ print(json.dumps({"seconds": round(time.perf_counter() - t, 3), "rows": rows, "e
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.bench_inputs", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog_name("bench_inputs"), description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/bench_inputs.json")
     ap.add_argument("--repo", action="append", default=[], help="another checkout whose reader to measure (repeatable)")
     ap.add_argument("--pad-mb", type=int, default=512, help="NUL padding after the first entry (default 512 MB)")

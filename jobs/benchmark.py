@@ -26,11 +26,11 @@ import platform
 import tempfile
 from pathlib import Path
 
-from ._cli import run_main
+from ._cli import prog_name, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=prog_name("benchmark"), description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small N (16 images), no actor-scaling run")
     ap.add_argument("--images", type=int, help="N (default 400, or 16 with --quick)")

@@ -40,7 +40,7 @@ from bpr_core.patches import crop_patches, paste_patches, propose_patches
 from bpr_core.synthetic import mask_iou
 from bpr_core.training import match_gt
 
-from ._cli import run_main
+from ._cli import prog_name, run_main
 
 GRID = {"min_area": (0, 100, 400, 1024), "gate_margin": (0.0, 0.1, 0.2, 0.3, 0.4), "min_keep_iou": (0.0, 0.5, 0.7, 0.8, 0.9)}
 NEAR_BEST = 0.02  # relative: gains within 2% of the best count as a tie
@@ -154,7 +154,7 @@ def search(per_set: dict[str, list[dict]], max_worse: float) -> tuple[dict, list
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.calibrate", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=prog_name("calibrate"), description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="model to calibrate (default: the shipped model)")
     ap.add_argument("--sets", nargs="+", required=True, help="dev-validation data directories")

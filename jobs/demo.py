@@ -2,7 +2,7 @@
 
     python -m jobs.demo [--out demo_out]
 
-Runs `jobs.refine` with no inputs (its embedded default: synthetic images with Mask R-CNN-like
+Runs `jobs.refine --demo` (its embedded example: synthetic images with Mask R-CNN-like
 coarse masks, refined on a local Ray with the shipped model), then `jobs.evaluate` of the coarse
 and the refined results against the ground truth.
 """
@@ -13,14 +13,14 @@ import argparse
 from pathlib import Path
 
 from . import evaluate, refine
-from ._cli import run_main
+from ._cli import prog_name, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog_name("demo"), description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     args, rest = ap.parse_known_args(argv)
-    code = refine.main(["--out", args.out, *rest])
+    code = refine.main(["--demo", "--out", args.out, *rest])
     if code:
         return code
     data = Path(args.out) / "data"

@@ -17,7 +17,7 @@ from pathlib import Path
 from bpr_core.evaluation import STAT_NAMES, evaluate_results, iou_change, results_from_rows
 from bpr_core.formats import InputError, load_coco_gt, read_instances, read_results_json
 
-from ._cli import run_main
+from ._cli import prog_name, run_main
 
 
 def load_results(path: str) -> list[dict]:
@@ -63,7 +63,7 @@ def evaluate_files(gt: str, results: list[str], names: list[str] | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=prog_name("evaluate"), description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--gt", required=True, help="COCO ground truth (instances JSON)")
     ap.add_argument("--results", required=True, nargs="+", help="results files: COCO results JSON or instance Parquet; the first is the baseline")

@@ -14,11 +14,11 @@ import sys
 
 from bpr_core.synthetic import Degradation, write_dataset
 
-from ._cli import run_main
+from ._cli import prog_name, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.make_synthetic", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=prog_name("make_synthetic"), description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--images", type=int, default=100, help="number of images (default 100)")

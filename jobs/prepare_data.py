@@ -36,7 +36,7 @@ from bpr_core.coarse import RECIPES, apply_recipe, make_coarse
 from bpr_core.formats import InputError
 from bpr_core.synthetic import mask_iou
 
-from ._cli import run_main
+from ._cli import prog_name, run_main
 from .prepare_pennfudan import split_names
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -231,7 +231,7 @@ def recipe_report(root: Path, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.prepare_data", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=prog_name("prepare_data"), description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", choices=SETS, help="which real set")
     ap.add_argument("--split", choices=["train", "val", "all"], default="val", help="split (default val; ignored for coco-real)")

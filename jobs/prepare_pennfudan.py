@@ -25,7 +25,7 @@ from bpr_core import rle
 from bpr_core.formats import InputError
 from bpr_core.synthetic import Degradation, coarse_detections, mask_iou
 
-from ._cli import run_main
+from ._cli import prog_name, run_main
 
 DEFAULT_SRC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pennfudan"
 
@@ -75,7 +75,7 @@ def prepare(src: Path, out: Path, split: str, seed: int = 0, params: Degradation
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.prepare_pennfudan", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=prog_name("prepare_pennfudan"), description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", default=str(DEFAULT_SRC), help=f"Penn-Fudan root (default {DEFAULT_SRC})")
     ap.add_argument("--split", choices=["train", "val", "all"], required=True)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from . import evaluate, refine
-from ._cli import run_main
+from ._cli import prog_name, run_main
 from .prepare_data import SHARED, coco_photos, ccp_photos, write_data_dir, write_real_detections
 from .prepare_pennfudan import prepare
 
@@ -58,7 +58,7 @@ def dev_val_sets(shared: Path, out: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.quality_report", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=prog_name("quality_report"), description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="quality_report")
     ap.add_argument("--checkpoint", help="model to evaluate (default: the shipped model)")

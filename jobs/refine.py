@@ -9,8 +9,8 @@ image_id,path). Writes OUT/refined.json (COCO results), OUT/parts/ (Parquet, one
 instance with status and provenance), OUT/quarantine.parquet and OUT/manifest.json. Re-running the
 same command skips shards already committed.
 
-With no --images/--coarse/--image-info it runs the embedded default: a generated synthetic set
-under OUT/data (default OUT: demo_out), refined on a local Ray.
+--demo runs the embedded example instead of user inputs: a generated synthetic set under
+OUT/data (default OUT: demo_out), refined on a local Ray.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from bpr_core.formats import InputError
 from bpr_core.imageio import DEFAULT_MAX_PIXELS, EXIF_POLICIES
 from bpr_core.refiner import DEFAULT_WEIGHTS
 
-from ._cli import run_main
+from ._cli import prog_name, run_main
 
 DEMO_IMAGES, DEMO_SEED = 24, 2024
 
@@ -52,15 +52,17 @@ POSITIVE, NON_NEGATIVE = _number(int, lo=1), _number(int, lo=0)
 UNIT = _number(float, lo=0.0, hi=1.0)
 
 
-def build_parser(prog: str = "python -m jobs.refine", doc: str = __doc__, coarse: bool = True) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+def build_parser(prog: str | None = None, doc: str = __doc__, coarse: bool = True) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog or prog_name("refine"), description=doc.split("\n\n")[0],
                                  epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     io_ = ap.add_argument_group("inputs and outputs")
     io_.add_argument("--images", help="root of the image files (local or s3://)")
     if coarse:
         io_.add_argument("--coarse", help="coarse instances: COCO results JSON (plain or gzip) or instance Parquet (a file, or a directory of files)")
     io_.add_argument("--image-info", help="image index: COCO-style JSON with 'images', or CSV/Parquet image_id,path")
-    io_.add_argument("--out", default="demo_out", help="output prefix (local or s3://; default demo_out)")
+    io_.add_argument("--out", help="output prefix (local or s3://); required, except with --demo (default demo_out)")
+    if coarse:
+        io_.add_argument("--demo", action="store_true", help="refine the embedded synthetic demo set instead of inputs")
     p = ap.add_argument_group("input policies (README: reliability)")
     p.add_argument("--exif", choices=EXIF_POLICIES, default="stored",
                    help="stored: decode the pixels as stored, ignoring the EXIF orientation tag (masks sized to the file, "
@@ -109,6 +111,11 @@ def build_parser(prog: str = "python -m jobs.refine", doc: str = __doc__, coarse
     r.add_argument("--reassemble-partitions", type=POSITIVE, default=1, help="groupby partitions per shard (default 1)")
     r.add_argument("--device", default="auto", help="auto (GPU actors if the cluster has GPUs), cpu or cuda")
     r.add_argument("--num-cpus", type=POSITIVE, help="CPUs for a private local Ray (default: all)")
+    r.add_argument("--verbose", action="store_true",
+                   help="show Ray's own log lines (hidden: its INFO lines and a few known-harmless warnings) and "
+                        "the last shard's Ray Data stage stats")
+    r.add_argument("--progress-interval", type=_number(float, lo=0.0), default=30.0, metavar="S",
+                   help="print a progress line at least every S seconds while shards run (default 30; 0: at commits only)")
     return ap
 
 
@@ -156,19 +163,26 @@ def options_from_args(args):
                          reassemble_partitions=args.reassemble_partitions,
                          shards_in_flight=args.shards_in_flight, visualize=args.visualize, exif=args.exif,
                          max_image_pixels=args.max_image_pixels, allow_absolute_paths=args.allow_absolute_paths,
+                         progress_interval=args.progress_interval,
                          fail_on_batch=int(os.environ["BPR_FAIL_ON_BATCH"]) if os.environ.get("BPR_FAIL_ON_BATCH") else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     given = [args.images, args.coarse, args.image_info]
-    if any(given) and not all(given):
-        raise InputError("--images, --coarse and --image-info go together (or give none for the demo)")
-    if not any(given):
+    if args.demo:
+        if any(given):
+            raise InputError("--demo refines the embedded synthetic set; drop --images/--coarse/--image-info, or drop --demo")
+        args.out = args.out or "demo_out"
         if args.out.startswith("s3://"):
             raise InputError("the embedded demo writes locally; give --out a local path")
         args.images, args.coarse, args.image_info = ensure_demo_data(args.out)
         args.out = str(Path(args.out) / "refined")
+    else:
+        missing = [f"--{n}" for n, v in zip(("images", "coarse", "image-info", "out"), [*given, args.out]) if not v]
+        if missing:
+            raise InputError(f"missing {', '.join(missing)}: give --images, --coarse, --image-info and --out "
+                             "(or --demo for the embedded synthetic example); see --help")
     import time
 
     from pipeline.refine_job import prepare_shards, run
@@ -179,19 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     # Options, inputs, output location and checkpoint are checked, and the whole input read and
     # validated record by record, before Ray starts: a malformed file or bad option is one line.
     prepared = prepare_shards(opts)
-    try:
-        init_ray(args.address, args.num_cpus)
-    except BaseException:
-        prepared[0].close()
-        raise
-    manifest = run(opts, prepared, started)
+    from pipeline.console import quiet_ray
+
+    with quiet_ray(args.verbose):
+        try:
+            init_ray(args.address, args.num_cpus)
+        except BaseException:
+            prepared[0].close()
+            raise
+        manifest = run(opts, prepared, started)
     stats = manifest.pop("_stats", "")
     c = manifest["counts"]
     print(f"\nrefined {c.get('refined', 0)}, passed through {c.get('passed_through', 0)}, quarantined "
           f"{c.get('quarantined', 0)} of {c['input']} instances in {manifest['timings']['total_seconds']:.1f} s "
           f"({manifest['timings']['shards_run']} shards run, {manifest['timings']['shards_skipped']} already done)")
     print(f"outputs: {manifest['outputs']['refined_json']}  (manifest.json, parts/, quarantine.parquet beside it)")
-    if stats:
+    if stats and args.verbose:
         print("\nlast shard's stage stats (ray.data):\n" + "\n".join(l for l in str(stats).splitlines() if l.startswith(("Operator", "*", "Dataset"))))
     if not manifest["invariant"]["ok"]:
         print(f"error: instance invariant violated: {json.dumps(manifest['invariant'])}", file=sys.stderr)

@@ -18,16 +18,16 @@ from __future__ import annotations
 import sys
 
 from . import refine
-from ._cli import run_main
+from ._cli import prog_name, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = refine.build_parser("python -m jobs.reprocess", __doc__, coarse=False)
+    ap = refine.build_parser(prog_name("reprocess"), __doc__, coarse=False)
     ap.add_argument("--detections", required=True, help="prefix holding detector outputs (local or s3://)")
     ap.add_argument("--lease-seconds", type=float, default=3600.0, help="lease length, renewed after each file (default 3600)")
     args = ap.parse_args(argv)
-    if not args.images or not args.image_info:
-        ap.error("--images and --image-info are required")
+    if not args.images or not args.image_info or not args.out:
+        ap.error("--images, --image-info and --out are required")
     from pipeline.reprocess import list_detections, reprocess
     from pipeline.runtime import init_ray
 

@@ -12,11 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._cli import run_main
+from ._cli import prog_name, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.soak", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog_name("soak"), description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--shard-size", type=int, default=200,
                     help="small shards on purpose (default 200): many shard cycles for leaks to show")

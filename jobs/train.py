@@ -21,11 +21,11 @@ from bpr_core import BPRConfig
 from bpr_core.config import MODEL_NAMES, NORMALISATION
 from bpr_core.formats import InputError
 
-from ._cli import run_main
+from ._cli import prog_name, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=prog_name("train"), description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", nargs="+", required=True, help="training set directories")
     ap.add_argument("--val", nargs="+", required=True, help="validation set directories")

@@ -41,6 +41,7 @@ from bpr_core.imageio import DEFAULT_MAX_PIXELS, EXIF_POLICIES
 from bpr_core.refiner import make_patch_refiner
 
 from . import storage
+from .console import Progress
 from .stages import ExtractPatches, RefinePatches, reassemble_image
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class RefineOptions:
     device: str = "auto"  # auto: GPU actors when the cluster has GPUs
     fail_on_batch: int | None = None  # fault injection (tests)
     visualize: int = 0  # write this many before/after overlay PNGs to OUT/visualize/
+    progress_interval: float = 30.0  # seconds between progress lines while a shard runs (0: only at commits)
     # Input policies (README, reliability): how images are decoded and which paths may be read.
     exif: str = "stored"  # stored pixels, or "apply" the EXIF orientation (bpr_core.imageio)
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # images and masks above it are quarantined; 0 = no limit
@@ -155,6 +157,7 @@ class ShardSpill:
 
         self.dir = tempfile.mkdtemp(prefix="bpr-refine-")
         self.counts = [0] * n_shards
+        self.images = [0] * n_shards  # images with at least one instance, per shard (progress)
         self._buf: dict[int, list[str]] = defaultdict(list)
         self._buffered, self.buffer_rows = 0, buffer_rows
 
@@ -267,7 +270,7 @@ def prepare_shards(opts: RefineOptions) -> tuple[ShardSpill, list[dict], int]:
     ranks = {image_id: r for r, image_id in enumerate(sorted(index.records))}
     shards = ShardSpill((len(ranks) + opts.shard_size - 1) // opts.shard_size)
     shards.sources = []
-    quarantined, seen, n_in = [], set(), 0
+    quarantined, seen, n_in, images_seen = [], set(), 0, set()
     limit = opts.max_image_pixels
     for row in _iter_instances(coarse_loc, index, shards.sources):
         n_in += 1
@@ -289,7 +292,11 @@ def prepare_shards(opts: RefineOptions) -> tuple[ShardSpill, list[dict], int]:
             quarantined.append({**row, "status": "quarantined", "reason": reason})
             continue
         row["file_name"] = index.records[row["image_id"]].file_name
-        shards.add(ranks[row["image_id"]] // opts.shard_size, row)
+        shard = ranks[row["image_id"]] // opts.shard_size
+        if row["image_id"] not in images_seen:
+            images_seen.add(row["image_id"])
+            shards.images[shard] += 1
+        shards.add(shard, row)
     shards.flush()
     return shards, quarantined, n_in
 
@@ -390,8 +397,11 @@ def run(opts: RefineOptions, prepared: tuple | None = None, started: float | Non
 
 def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0) -> dict:
     device, num_gpus = _resources(opts)
-    _progress(f"bpr refine: {n_in} instances, {len(shards)} shards of up to {opts.shard_size} images; "
-              f"refiner {card.get('name')} ({opts.method}) on {device}; config {cfg.config_hash()}")
+    _progress(f"bpr refine: {sum(shards.images):,} images, {n_in:,} instances ({len(prep_quarantine):,} quarantined on reading), "
+              f"{len(shards)} shards of up to {opts.shard_size} images; refiner {card.get('name')} ({opts.method}) on {device}; "
+              f"config {cfg.config_hash()}")
+    progress = Progress(sum(shards.images), n_in, interval=opts.progress_interval)
+    progress.add(0, len(prep_quarantine), 0, already_done=True)
 
     timings, stats_text, done, skipped = [], "", 0, 0
     keys = []
@@ -407,17 +417,14 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
         dt = time.time() - ts
         done += 1
         timings.append({"shard": i, "instances": len(rows), "patches": n_patches, "seconds": round(dt, 3)})
-        images = len({r["image_id"] for r in rows})
-        _progress(f"  {name} ({i + 1}/{len(shards)}): {images} images, {len(rows)} instances, {n_patches} patches "
-                  f"in {dt:.1f} s ({images / max(dt, 1e-9):.1f} img/s, {n_patches / max(dt, 1e-9):.0f} patches/s); "
-                  f"{time.time() - t0:.0f} s elapsed")
+        progress.add(shards.images[i], len(rows), n_patches, note=f"{name} ({i + 1}/{len(shards)}) committed in {dt:.1f} s")
 
     # Shards overlap (shards_in_flight Ray Data flows at once, committed in order): a shard's
     # groupby is a barrier, and its shuffle, reassembly, write and the next shard's actor start-up
     # would otherwise leave the network idle (measured in the README's performance section).
     in_flight = max(1, opts.shards_in_flight)
     pending: deque = deque()
-    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bpr-shard") as pool:
+    with progress, ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bpr-shard") as pool:
         try:
             for i in range(len(shards)):
                 rows = shards[i]
@@ -427,6 +434,7 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
                 marker = out.join("_commits", f"{name}.json")
                 if storage.exists(marker) and json.loads(storage.read_bytes(marker)).get("key") == key:
                     skipped += 1
+                    progress.add(shards.images[i], len(rows), 0, already_done=True, note=f"{name} already done")
                     continue
                 parts = out.join("parts", name)
                 storage.delete(parts)  # a partial write of an interrupted run

@@ -85,6 +85,10 @@ def test_killed_run_resumes_to_the_same_output_without_duplicates(tmp_path, synt
     temp = f"/tmp/bprt-{os.getpid()}-{int(time.time())}"
     rc, log = run_refine_subprocess(common + ["--out", str(ref_out)], {"BPR_RAY_TEMP_DIR": temp + "a"})
     assert rc == 0, log
+    # a clean run: progress with rate and ETA, and not one ERROR, WARNING or Ray INFO line
+    lines = log.splitlines()
+    assert not [l for l in lines if "ERROR" in l or "WARNING" in l or "\tINFO " in l or "core_worker" in l], log
+    assert any(l.startswith("30/30 images (100%)") and "img/s" in l and "ETA 0s" in l for l in lines), log
     proc = run_refine_subprocess(common + ["--out", str(out)], {"BPR_RAY_TEMP_DIR": temp + "b"}, wait=False)
     try:
         deadline = time.time() + 240
@@ -97,6 +101,7 @@ def test_killed_run_resumes_to_the_same_output_without_duplicates(tmp_path, synt
     assert 2 <= len(commits) < 6 and not (out / "manifest.json").exists()
     rc, log = run_refine_subprocess(common + ["--out", str(out)], {"BPR_RAY_TEMP_DIR": temp + "c"})
     assert rc == 0, log
+    assert f"shard-{len(commits) - 1:05d} already done" in log and "30/30 images (100%)" in log
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["timings"]["shards_skipped"] == len(commits) and manifest["invariant"]["ok"]
     assert (out / "refined.json").read_bytes() == (ref_out / "refined.json").read_bytes()

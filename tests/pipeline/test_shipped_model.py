@@ -18,7 +18,7 @@ def test_shipped_model_loads_with_its_card():
 
 
 def test_refine_without_checkpoint_uses_shipped_model_and_improves_boundary_ap(ray_session, tmp_path, capsys):
-    code = refine.main(["--out", str(tmp_path)])
+    code = refine.main(["--demo", "--out", str(tmp_path)])
     assert code == 0
     manifest = json.loads((tmp_path / "refined" / "manifest.json").read_text())
     assert manifest["method"] == "network" and manifest["model"]["name"] == "bpr-default"
