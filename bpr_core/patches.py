@@ -170,19 +170,8 @@ def paste_patches(coarse: np.ndarray, boxes: np.ndarray, probs: np.ndarray, conf
     if boxes.shape[0] == 0:
         return out
     scale = 255.0 if probs.dtype == np.uint8 else 1.0
-    p, c = config.patch_size, config.context_pad
-    h, w = coarse.shape
-    centre = probs[:, c : c + p, c : c + p]
-    # Work inside the union of the boxes only.
-    x0, y0 = int(boxes[:, 0].min()), int(boxes[:, 1].min())
-    x1, y1 = min(int(boxes[:, 2].max()), w), min(int(boxes[:, 3].max()), h)
+    (y0, y1, x0, x1), sums, counts = _patch_sums(coarse.shape, boxes, probs, config)
     rh, rw = y1 - y0, x1 - x0
-    ys = boxes[:, 1, None] - y0 + np.arange(p)[None, :]  # K x p
-    xs = boxes[:, 0, None] - x0 + np.arange(p)[None, :]
-    valid = (ys < rh)[:, :, None] & (xs < rw)[:, None, :]
-    flat = ys[:, :, None] * rw + xs[:, None, :]
-    sums = np.bincount(flat[valid], weights=centre[valid].astype(np.float64), minlength=rh * rw)
-    counts = np.bincount(flat[valid], minlength=rh * rw)
     covered = counts > 0
     region = out[y0:y1, x0:x1].reshape(-1)
     m = config.gate_margin
@@ -194,6 +183,41 @@ def paste_patches(coarse: np.ndarray, boxes: np.ndarray, probs: np.ndarray, conf
         off = s < (config.threshold - m) * scale * n
         region[covered] = np.where(on, True, np.where(off, False, region[covered]))
     out[y0:y1, x0:x1] = region.reshape(rh, rw)
+    return out
+
+
+def _patch_sums(shape: tuple[int, int], boxes: np.ndarray, probs: np.ndarray, config: BPRConfig):
+    """Per-pixel sum and count of the patches' central probabilities, inside the union of the
+    boxes only. Returns ((y0, y1, x0, x1), sums, counts) with flat arrays over that region."""
+    p, c = config.patch_size, config.context_pad
+    h, w = shape
+    centre = probs[:, c : c + p, c : c + p]
+    x0, y0 = int(boxes[:, 0].min()), int(boxes[:, 1].min())
+    x1, y1 = min(int(boxes[:, 2].max()), w), min(int(boxes[:, 3].max()), h)
+    rh, rw = y1 - y0, x1 - x0
+    ys = boxes[:, 1, None] - y0 + np.arange(p)[None, :]  # K x p
+    xs = boxes[:, 0, None] - x0 + np.arange(p)[None, :]
+    valid = (ys < rh)[:, :, None] & (xs < rw)[:, None, :]
+    flat = ys[:, :, None] * rw + xs[:, None, :]
+    sums = np.bincount(flat[valid], weights=centre[valid].astype(np.float64), minlength=rh * rw)
+    counts = np.bincount(flat[valid], minlength=rh * rw)
+    return (y0, y1, x0, x1), sums, counts
+
+
+def probability_map(coarse: np.ndarray, boxes: np.ndarray, probs: np.ndarray, config: BPRConfig = BPRConfig()) -> np.ndarray:
+    """HxW float32 foreground probability of one instance: the mean of the patch probabilities
+    where patches cover a pixel (what `paste_patches` thresholds), the coarse mask (0 or 1)
+    elsewhere."""
+    out = np.asarray(coarse, dtype=bool).astype(np.float32)
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    if boxes.shape[0] == 0:
+        return out
+    scale = 255.0 if probs.dtype == np.uint8 else 1.0
+    (y0, y1, x0, x1), sums, counts = _patch_sums(out.shape, boxes, probs, config)
+    region = out[y0:y1, x0:x1].reshape(-1)
+    covered = counts > 0
+    region[covered] = (sums[covered] / (counts[covered] * scale)).astype(np.float32)
+    out[y0:y1, x0:x1] = region.reshape(y1 - y0, x1 - x0)
     return out
 
 

@@ -74,8 +74,10 @@ def test_min_area_passes_small_instances_through():
 
 def test_bad_inputs_are_named():
     r = Refiner(method="identity")
-    with pytest.raises(ValueError, match="HxWx3 uint8"):
-        r.refine(np.zeros((10, 10), np.uint8), np.zeros((1, 10, 10), bool))
+    with pytest.raises(ValueError, match=r"image must be HxWx3 \(or 3xHxW, or HxW grey\), got shape \(10, 10, 4\)"):
+        r.refine(np.zeros((10, 10, 4), np.uint8), np.zeros((1, 10, 10), bool))
+    with pytest.raises(ValueError, match=r"float image must hold values in \[0, 1\]"):
+        r.refine(np.full((10, 10, 3), 200.0), np.zeros((1, 10, 10), bool))
     with pytest.raises(ValueError, match="image size"):
         r.refine(np.zeros((10, 10, 3), np.uint8), np.zeros((1, 10, 11), bool))
 

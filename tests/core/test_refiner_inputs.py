@@ -1,0 +1,112 @@
+"""The library takes what detectors give: bool, 0/1, 0/255 and float masks; HxWx3 uint8, 3xHxW
+float and grey images; numpy or torch; one image or a list (batched together); a thread cap; and
+can return probabilities."""
+
+import numpy as np
+import pytest
+import torch
+
+from bpr_core import BPRConfig, Refiner
+from bpr_core.refiner import IdentityPatchRefiner, as_masks
+
+from .masks import random_blob_mask
+
+CFG = BPRConfig(patch_size=16)
+
+
+def _scene(seed=0, h=64, w=80):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    masks = np.stack([random_blob_mask(rng, h, w) for _ in range(3)])
+    return image, masks
+
+
+class Recording:
+    """Identity patches, recording each network call's batch size and torch's thread count."""
+
+    name = "recording"
+
+    def __init__(self, value=None):
+        self.calls, self.threads, self.value = [], [], value
+
+    def predict(self, img, msk):
+        self.calls.append(len(img))
+        self.threads.append(torch.get_num_threads())
+        if self.value is not None:
+            return np.full(msk.shape, self.value, np.float32)
+        return (msk > 0).astype(np.float32)
+
+
+def test_every_mask_kind_means_the_same_masks():
+    image, masks = _scene()
+    r = Refiner(method=IdentityPatchRefiner(), config=CFG)
+    want = r.refine(image, masks)
+    assert np.array_equal(want, masks)  # identity: bit for bit
+    soft = np.where(masks, 0.7, 0.3).astype(np.float32)  # a 0.3 background is background, not "non-zero"
+    kinds = {"uint8 0/1": masks.astype(np.uint8), "uint8 0/255": masks.astype(np.uint8) * 255, "float probs": soft,
+             "float64": soft.astype(np.float64), "int64": masks.astype(np.int64), "list of HxW": list(masks),
+             "torch bool": torch.from_numpy(masks), "torch float": torch.from_numpy(soft)}
+    for kind, m in kinds.items():
+        got = r.refine(image, m)
+        if isinstance(m, torch.Tensor):
+            assert isinstance(got, torch.Tensor) and got.device == m.device and got.dtype == torch.bool, kind
+            got = got.numpy()
+        assert isinstance(got, np.ndarray) and got.dtype == bool and np.array_equal(got, want), kind
+
+
+def test_float_threshold_is_strictly_above_half():
+    m, _ = as_masks(np.array([[0.5, 0.5000001, 0.0, 1.0]], np.float32), (1, 4))
+    assert m.tolist() == [[[False, True, False, True]]]
+
+
+def test_image_kinds_give_the_same_result():
+    image, masks = _scene(1)
+    r = Refiner(method="guided-filter", config=CFG)
+    want = r.refine(image, masks)
+    chw_float = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)
+    assert np.array_equal(r.refine(chw_float, masks), want)
+    assert np.array_equal(r.refine(image.astype(np.float64) / 255.0, masks), want)
+    grey = image[:, :, 0]
+    assert np.array_equal(r.refine(grey, masks), r.refine(np.repeat(grey[:, :, None], 3, 2), masks))
+
+
+def test_a_list_of_images_is_batched_together_and_matches_single_calls():
+    scenes = [_scene(s) for s in (2, 3, 4)]
+    rec = Recording()
+    r = Refiner(method=rec, config=CFG, batch_size=10_000)
+    out = r.refine([s[0] for s in scenes], [s[1] for s in scenes], return_info=True)
+    assert len(rec.calls) == 1  # one network batch across the three images
+    single = Refiner(method=Recording(), config=CFG)
+    for (image, masks), (got, infos) in zip(scenes, out):
+        want, want_infos = single.refine(image, masks, return_info=True)
+        assert np.array_equal(got, want) and [i.reason for i in infos] == [i.reason for i in want_infos]
+    assert rec.calls[0] == sum(sum(i.num_patches for i in infos) for _, infos in out)
+
+
+def test_threads_apply_during_the_call_only():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rec = Recording()
+        image, masks = _scene(5)
+        Refiner(method=rec, config=CFG, threads=1).refine(image, masks)
+        assert rec.threads and set(rec.threads) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        Refiner(method=rec, config=CFG, threads=0)
+
+
+def test_probabilities_are_the_patch_mean_where_covered_and_the_coarse_mask_elsewhere():
+    image, masks = _scene(6)
+    r = Refiner(method=Recording(value=0.25), config=CFG)
+    refined, infos, probs = r.refine(image, masks, return_info=True, return_probs=True)
+    assert probs.shape == masks.shape and probs.dtype == np.float32
+    for n, info in enumerate(infos):
+        covered = probs[n] == np.float32(0.25)
+        assert info.num_patches > 0 and covered.any()
+        assert np.array_equal(probs[n][~covered], masks[n][~covered].astype(np.float32))
+        assert not refined[n][covered].any()  # 0.25 < 0.5: background wherever a patch covers
+        assert np.array_equal(refined[n][~covered], masks[n][~covered])
+    t_refined, t_probs = r.refine(image, torch.from_numpy(masks), return_probs=True)
+    assert isinstance(t_probs, torch.Tensor) and np.array_equal(t_probs.numpy(), probs)
