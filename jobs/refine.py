@@ -97,7 +97,11 @@ def build_parser(prog: str | None = None, doc: str = __doc__, coarse: bool = Tru
                    help="the paper's reassembly: all do-no-harm rules off (min-area, gate-margin, min-keep-iou = 0)")
     r = ap.add_argument_group("execution")
     r.add_argument("--visualize", type=NON_NEGATIVE, default=0, metavar="N",
-                   help="write N before/after overlay PNGs (coarse red, refined green, patches yellow) to OUT/visualize/")
+                   help="overlay PNGs of the N images whose masks changed most (coarse magenta, refined green, patches "
+                        "yellow, with a legend) and most_changed.png (the most-changed instances, coarse | refined) "
+                        "to OUT/visualize/")
+    r.add_argument("--visualize-ids", type=lambda t: [int(x) for x in t.split(",") if x.strip()], metavar="ID,ID,...",
+                   help="draw these image ids instead of the most-changed ones")
     r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
     r.add_argument("--shard-size", type=POSITIVE, default=1000, help="images per shard, the unit of resume and commit (default 1000)")
     r.add_argument("--batch-size", type=POSITIVE, default=64, help="patches per network batch (default 64)")
@@ -161,7 +165,7 @@ def options_from_args(args):
                          shard_size=args.shard_size, batch_size=args.batch_size, refine_actors=args.refine_actors,
                          extract_actors=args.extract_actors, refine_cpus=args.refine_cpus, device=args.device,
                          reassemble_partitions=args.reassemble_partitions,
-                         shards_in_flight=args.shards_in_flight, visualize=args.visualize, exif=args.exif,
+                         shards_in_flight=args.shards_in_flight, visualize=args.visualize, visualize_ids=args.visualize_ids, exif=args.exif,
                          max_image_pixels=args.max_image_pixels, allow_absolute_paths=args.allow_absolute_paths,
                          progress_interval=args.progress_interval,
                          fail_on_batch=int(os.environ["BPR_FAIL_ON_BATCH"]) if os.environ.get("BPR_FAIL_ON_BATCH") else None)

@@ -75,7 +75,8 @@ class RefineOptions:
     shards_in_flight: int = 2
     device: str = "auto"  # auto: GPU actors when the cluster has GPUs
     fail_on_batch: int | None = None  # fault injection (tests)
-    visualize: int = 0  # write this many before/after overlay PNGs to OUT/visualize/
+    visualize: int = 0  # overlay PNGs of this many most-changed images, to OUT/visualize/
+    visualize_ids: list[int] | None = None  # or of these images
     progress_interval: float = 30.0  # seconds between progress lines while a shard runs (0: only at commits)
     # Input policies (README, reliability): how images are decoded and which paths may be read.
     exif: str = "stored"  # stored pixels, or "apply" the EXIF orientation (bpr_core.imageio)
@@ -449,19 +450,18 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
                 p[-1].cancel()
             raise
     manifest = assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card)
-    if opts.visualize:
+    if opts.visualize or opts.visualize_ids:
+        from .stages import ImageReader
         from .visualize import write_visualizations
 
-        refined = {}
-        for i in range(len(shards)):
+        def refined_for(i: int) -> dict:
             t = _read_parts(out.join("parts", f"shard-{i:05d}")).filter(pc.equal(pc.field("status"), "refined"))
-            refined.update({(r["image_id"], r["instance_id"]): r["rle_counts"] for r in t.select(["image_id", "instance_id", "rle_counts"]).to_pylist()})
-            if len({k[0] for k in refined}) >= opts.visualize:
-                break
-        from .stages import ImageReader
+            return {(r["source_file"], r["image_id"], r["instance_id"]): r["rle_counts"]
+                    for r in t.select(["source_file", "image_id", "instance_id", "rle_counts"]).to_pylist()}
 
         reader = ImageReader(opts.images, opts.exif, opts.max_image_pixels, opts.allow_absolute_paths)
-        manifest["outputs"]["visualize"] = write_visualizations(opts.visualize, shards, refined, opts.images, out, cfg, reader)
+        manifest["outputs"]["visualize"] = write_visualizations(opts.visualize, shards, refined_for, opts.images, out, cfg,
+                                                                reader, image_ids=opts.visualize_ids)
     manifest["timings"] = {"total_seconds": round(time.time() - t0, 3), "shards_run": done, "shards_skipped": skipped,
                            "per_shard": timings}
     manifest["device"] = device

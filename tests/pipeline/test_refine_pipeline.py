@@ -122,18 +122,30 @@ def test_overlapping_shards_give_the_same_output_as_one_at_a_time(ray_session, t
     assert three["invariant"]["ok"] and three["counts"] == one["counts"]
 
 
-def test_visualize_draws_the_first_images_with_refined_instances(ray_session, tmp_path, synth30):
+def test_visualize_draws_the_most_changed_images_or_the_ones_asked_for(ray_session, tmp_path, synth30):
     import cv2
+
+    from bpr_core import rle
 
     m = run(_opts(synth30, tmp_path / "out", method="guided-filter", shard_size=10, visualize=2))
     written = m["outputs"]["visualize"]
-    parts = pq.read_table(tmp_path / "out" / "parts").to_pylist()
-    first = sorted({r["image_id"] for r in parts if r["status"] == "refined"})[:2]
-    assert [Path(p).name for p in written] == [f"{i}.png" for i in first]
+    # the ranking, recomputed independently: changed pixels per image, refined.json against the input
+    coarse = json.loads((synth30 / "coarse.json").read_text())
+    change: dict = {}
+    for e in json.loads((tmp_path / "out" / "refined.json").read_text()):
+        c = coarse[e["instance_id"]]
+        assert c["image_id"] == e["image_id"]
+        change[e["image_id"]] = change.get(e["image_id"], 0) + int((rle.decode(c["segmentation"]) ^ rle.decode(e["segmentation"])).sum())
+    top = sorted((i for i in change if change[i]), key=lambda i: (-change[i], i))[:2]
+    assert [Path(p).name for p in written] == [f"{i}.png" for i in top] + ["most_changed.png"]
     sizes = {im["id"]: (im["height"], im["width"]) for im in json.loads((synth30 / "annotations.json").read_text())["images"]}
-    for p, image_id in zip(written, first):
+    for p, image_id in zip(written, top):
         pic = cv2.imread(p)
-        assert pic is not None and pic.shape[:2] == (2 * sizes[image_id][0], 2 * sizes[image_id][1])
+        assert pic is not None and pic.shape[:2] == (2 * sizes[image_id][0], 2 * sizes[image_id][1])  # small: 2x
+    panel = cv2.imread(written[-1])
+    assert panel.shape[0] == 8 * (256 + 20)  # the run's 8 most-changed instances, one row each
+    m = run(_opts(synth30, tmp_path / "ids", method="guided-filter", shard_size=10, visualize_ids=[7, 2]))
+    assert [Path(p).name for p in m["outputs"]["visualize"]] == ["7.png", "2.png", "most_changed.png"]
 
 
 def test_do_no_harm_acceptance_passes_redrawn_instances_through_bit_for_bit(ray_session, tmp_path, synth30):
