@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
     template = refine.options_from_args(args)
     list_detections(args.detections)  # fail fast before Ray starts
-    init_ray(args.address, args.num_cpus)
-    result = reprocess(args.detections, template, args.lease_seconds)
+    from pipeline.console import quiet_ray
+
+    with quiet_ray(args.verbose):
+        init_ray(args.address, args.num_cpus)
+        result = reprocess(args.detections, template, args.lease_seconds)
     if not result["skipped_lease"]:
         print(f"refined {len(result['refined'])} detector output(s): {', '.join(result['refined']) or '-'}; "
               f"{len(result['up_to_date'])} already up to date", file=sys.stderr)
