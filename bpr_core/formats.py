@@ -31,6 +31,11 @@ class InputError(ValueError):
     """A user input is malformed; the message names the file and the record."""
 
 
+class JobFailed(RuntimeError):
+    """The job cannot usefully go on (a systemic failure, e.g. most images unreadable); the message
+    names the cause. The command exits non-zero with it, without a traceback."""
+
+
 INSTANCE_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
     ("instance_id", pa.int64()),
@@ -47,6 +52,7 @@ PROVENANCE_SCHEMA = pa.schema([
     ("reason", pa.string()),  # why it was passed through ("" when refined)
     ("source_file", pa.string()),
     ("position", pa.int64()),  # the instance's 0-based entry/row number in source_file
+    ("detector_fields", pa.string()),  # the input entry's other keys (bbox, ...) as JSON, returned in refined.json
     ("coarse_area", pa.int64()),
     ("refined_area", pa.int64()),
     ("num_patches", pa.int64()),
@@ -285,7 +291,29 @@ def result_to_row(det: dict, position: int, sizes: dict[int, ImageRecord] | None
     iid = exact_int(det["instance_id"], "instance_id", minimum=0) if "instance_id" in det else position
     counts, h, w = _segmentation(det["segmentation"], image_id, sizes)
     return {"image_id": image_id, "instance_id": iid, "category_id": category_id, "score": score,
-            "rle_counts": counts, "rle_h": h, "rle_w": w}
+            "rle_counts": counts, "rle_h": h, "rle_w": w, "detector_fields": detector_fields(det)}
+
+
+# Keys of a results entry that bpr reads; every other key (the detector's bbox, track ids, ...)
+# travels unchanged as `detector_fields` and comes back in refined.json.
+INTERPRETED_KEYS = ("image_id", "category_id", "segmentation", "score", "instance_id")
+
+
+def detector_fields(det: dict) -> str | None:
+    """The entry's other keys as compact JSON (None when there are none). A `bbox` must be
+    [x, y, width, height] of finite numbers; NaN or Infinity anywhere is refused, since the output
+    must stay standard JSON."""
+    extra = {k: v for k, v in det.items() if k not in INTERPRETED_KEYS}
+    if not extra:
+        return None
+    box = extra.get("bbox")
+    if box is not None and not (isinstance(box, list) and len(box) == 4 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        raise RecordError(f"bbox {_short(box)} is not [x, y, width, height] of finite numbers")
+    try:
+        return json.dumps(extra, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise RecordError(f"a detector field holds NaN or Infinity ({', '.join(sorted(extra))})") from None
 
 
 def table_row(row: dict) -> dict:
@@ -521,18 +549,30 @@ def write_instances_parquet(rows: list[dict], path: str | Path, schema: pa.Schem
 def row_to_result(row: dict, with_source: bool = False) -> dict:
     """Instance row -> COCO results entry (drop-in for COCOeval); keeps instance_id for matching,
     and the source file too when `with_source` (inputs of several files, each numbering its own
-    instances: there (source_file, instance_id) is the identity)."""
+    instances: there (source_file, instance_id) is the identity).
+
+    `bbox` is the detector's box where the input had one (else the output mask's box), and
+    `refined_bbox` the output mask's; `bpr_status`/`bpr_reason` say what happened (rows that carry
+    a status); the input entry's other keys come back unchanged."""
     r = {"size": [int(row["rle_h"]), int(row["rle_w"])], "counts": row["rle_counts"]}
     score = float(row["score"])
-    return {
+    mask_box = rle_utils.to_bbox(r)
+    extra = json.loads(row["detector_fields"]) if row.get("detector_fields") else {}
+    entry = {
         "image_id": int(row["image_id"]),
         "category_id": int(row["category_id"]),
         "segmentation": r,
         "score": score if math.isfinite(score) else 0.0,
-        "bbox": rle_utils.to_bbox(r),
+        "bbox": extra.pop("bbox", mask_box),
+        "refined_bbox": mask_box,
         "instance_id": int(row["instance_id"]),
         **({"source_file": row["source_file"]} if with_source else {}),
     }
+    if row.get("status"):
+        entry["bpr_status"], entry["bpr_reason"] = row["status"], row.get("reason") or ""
+    for k, v in extra.items():
+        entry.setdefault(k, v)
+    return entry
 
 
 def write_results_json(rows: Iterable[dict], out: io.TextIOBase | str | Path) -> int:

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable
 
-from bpr_core.formats import InputError
+from bpr_core.formats import InputError, JobFailed
 
 
 def prog_name(module: str) -> str:
@@ -23,6 +23,9 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except JobFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130

@@ -115,6 +115,10 @@ def build_parser(prog: str | None = None, doc: str = __doc__, coarse: bool = Tru
     r.add_argument("--reassemble-partitions", type=POSITIVE, default=1, help="groupby partitions per shard (default 1)")
     r.add_argument("--device", default="auto", help="auto (GPU actors if the cluster has GPUs), cpu or cuda")
     r.add_argument("--num-cpus", type=POSITIVE, help="CPUs for a private local Ray (default: all)")
+    r.add_argument("--max-unreadable-share", type=UNIT, default=0.25, metavar="F",
+                   help="fail the job (exit 1) when more than this share of a shard's images cannot be read, and at least 3 "
+                        "or all: a systemic failure such as no access from the workers (default 0.25); fewer are "
+                        "quarantined, passed through with their coarse masks, and retried by the next run (exit 3)")
     r.add_argument("--verbose", action="store_true",
                    help="show Ray's own log lines (hidden: its INFO lines and a few known-harmless warnings) and "
                         "the last shard's Ray Data stage stats")
@@ -167,7 +171,7 @@ def options_from_args(args):
                          reassemble_partitions=args.reassemble_partitions,
                          shards_in_flight=args.shards_in_flight, visualize=args.visualize, visualize_ids=args.visualize_ids, exif=args.exif,
                          max_image_pixels=args.max_image_pixels, allow_absolute_paths=args.allow_absolute_paths,
-                         progress_interval=args.progress_interval,
+                         progress_interval=args.progress_interval, max_unreadable_share=args.max_unreadable_share,
                          fail_on_batch=int(os.environ["BPR_FAIL_ON_BATCH"]) if os.environ.get("BPR_FAIL_ON_BATCH") else None)
 
 
@@ -207,18 +211,38 @@ def main(argv: list[str] | None = None) -> int:
             raise
         manifest = run(opts, prepared, started)
     stats = manifest.pop("_stats", "")
+    return report(manifest, stats if args.verbose else "")
+
+
+# Exit statuses: 0 done; 1 failed (invariant, systemic read failure); 2 bad input or option;
+# 3 done, but some images could not be read: their instances are in the outputs with their coarse
+# masks, and re-running the same command retries them.
+EXIT_READ_FAILURES = 3
+
+
+def report(manifest: dict, stats: str = "") -> int:
+    """The closing lines; the last one says how many instances were quarantined and why."""
     c = manifest["counts"]
+    if stats:
+        print("\nlast shard's stage stats (ray.data):\n" + "\n".join(l for l in str(stats).splitlines() if l.startswith(("Operator", "*", "Dataset"))))
     print(f"\nrefined {c.get('refined', 0)}, passed through {c.get('passed_through', 0)}, quarantined "
           f"{c.get('quarantined', 0)} of {c['input']} instances in {manifest['timings']['total_seconds']:.1f} s "
           f"({manifest['timings']['shards_run']} shards run, {manifest['timings']['shards_skipped']} already done)")
-    print(f"outputs: {manifest['outputs']['refined_json']}  (manifest.json, parts/, quarantine.parquet beside it)")
-    if stats and args.verbose:
-        print("\nlast shard's stage stats (ray.data):\n" + "\n".join(l for l in str(stats).splitlines() if l.startswith(("Operator", "*", "Dataset"))))
+    print(f"outputs: {manifest['outputs']['refined_json']} ({c.get('in_refined_json', 0)} detections; manifest.json, parts/, "
+          "quarantine.parquet beside it)")
     if not manifest["invariant"]["ok"]:
         print(f"error: instance invariant violated: {json.dumps(manifest['invariant'])}", file=sys.stderr)
         return 1
-    return 0
-
+    reasons = manifest.get("quarantine_reasons") or {}
+    if not c.get("quarantined"):
+        print("quarantined: none")
+        return 0
+    if c.get("read_failures"):
+        print(f"warning: {c['read_failures']} instances are on images that could not be read; their shards are not marked "
+              "done: re-run the same command to retry them", file=sys.stderr, flush=True)
+    print(f"quarantined {c['quarantined']}: " + ", ".join(f"{n} {kind}" for kind, n in reasons.items())
+          + " (each reason in quarantine.parquet)", flush=True)
+    return EXIT_READ_FAILURES if c.get("read_failures") else 0
 
 if __name__ == "__main__":
     run_main(main)

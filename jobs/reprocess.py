@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         result = reprocess(args.detections, template, args.lease_seconds)
     if not result["skipped_lease"]:
         print(f"refined {len(result['refined'])} detector output(s): {', '.join(result['refined']) or '-'}; "
-              f"{len(result['up_to_date'])} already up to date", file=sys.stderr)
-    return 0
+              f"{len(result['up_to_date'])} already up to date"
+              + (f"; {len(result['retry'])} with unreadable images, retried next run: {', '.join(result['retry'])}"
+                 if result["retry"] else ""), file=sys.stderr)
+    return 3 if result["retry"] else 0
 
 
 if __name__ == "__main__":

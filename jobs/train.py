@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker, also its torch threads (default 1)")
     ap.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    ap.add_argument("--max-failures", type=int, default=3,
+                    help="restart the workers from the latest checkpoint after a failure (a lost node), this many times (default 3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sample", type=int, help="use N randomly sampled coarse instances per training dir")
     ap.add_argument("--min-iou", type=float, default=0.5, help="drop coarse instances whose best GT IoU is below (default 0.5)")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = TrainOptions(data=args.data, val=args.val, out=args.out, config=cfg, iters=args.iters, batch_size=args.batch_size,
                         eval_every=args.eval_every, lr=args.lr, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                         use_gpu=args.gpu, seed=args.seed, nms_iou=args.nms_iou, min_iou=args.min_iou, sample=args.sample,
-                        resume=args.resume, stop_after=args.stop_after, pretrained=pretrained,
+                        resume=args.resume, stop_after=args.stop_after, pretrained=pretrained, max_failures=args.max_failures,
                         command="python -m jobs.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     init_ray(args.address, args.num_cpus, log_to_driver=True)
     summary = run(opts)

@@ -35,19 +35,20 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bpr_core import BPRConfig
-from bpr_core.formats import (INSTANCE_COLUMNS, REFINED_SCHEMA, ImageIndex, InputError, RecordError, invalid_row,
+from bpr_core.formats import (INSTANCE_COLUMNS, REFINED_SCHEMA, ImageIndex, InputError, JobFailed, RecordError, invalid_row,
                               iter_results_json, read_image_index, row_to_result, table_row)
 from bpr_core.imageio import DEFAULT_MAX_PIXELS, EXIF_POLICIES
 from bpr_core.refiner import make_patch_refiner
 
 from . import storage
 from .console import Progress
-from .stages import ExtractPatches, RefinePatches, reassemble_image
+from .stages import ExtractPatches, RefinePatches, is_read_failure, reassemble_image
 
 log = logging.getLogger(__name__)
 
 WORK_SCHEMA = pa.schema(list(pa.schema([(n, REFINED_SCHEMA.field(n).type) for n in INSTANCE_COLUMNS]))
-                        + [("source_file", pa.string()), ("position", pa.int64()), ("file_name", pa.string())])
+                        + [("source_file", pa.string()), ("position", pa.int64()), ("detector_fields", pa.string()),
+                           ("file_name", pa.string())])
 
 
 @dataclass
@@ -77,6 +78,9 @@ class RefineOptions:
     fail_on_batch: int | None = None  # fault injection (tests)
     visualize: int = 0  # overlay PNGs of this many most-changed images, to OUT/visualize/
     visualize_ids: list[int] | None = None  # or of these images
+    # A shard fails the job (not committed) when more than this share of its images cannot be read
+    # (and at least 3, or all of them): a systemic problem such as no image access from the workers.
+    max_unreadable_share: float = 0.25
     progress_interval: float = 30.0  # seconds between progress lines while a shard runs (0: only at commits)
     # Input policies (README, reliability): how images are decoded and which paths may be read.
     exif: str = "stored"  # stored pixels, or "apply" the EXIF orientation (bpr_core.imageio)
@@ -94,6 +98,8 @@ class RefineOptions:
             raise InputError(f"refine-cpus must be > 0, got {self.refine_cpus!r}")
         if not isinstance(self.visualize, int) or self.visualize < 0:
             raise InputError(f"visualize must be >= 0, got {self.visualize!r}")
+        if not isinstance(self.max_unreadable_share, (int, float)) or not 0 <= self.max_unreadable_share <= 1:
+            raise InputError(f"max-unreadable-share must be in [0, 1], got {self.max_unreadable_share!r}")
         if not isinstance(self.max_image_pixels, int) or self.max_image_pixels < 0:
             raise InputError(f"max-image-pixels must be >= 0 (0 = no limit), got {self.max_image_pixels!r}")
         if self.exif not in EXIF_POLICIES:
@@ -235,6 +241,7 @@ def _iter_table_file(loc: storage.Location) -> Iterator[dict]:
             except RecordError as e:
                 row = invalid_row(position, f"{loc.uri} row {position}: {e}", raw)
             row["position"] = position
+            row.setdefault("detector_fields", None)
             position += 1
             yield row
 
@@ -305,8 +312,8 @@ def prepare_shards(opts: RefineOptions) -> tuple[ShardSpill, list[dict], int]:
 def shard_key(rows: list[dict], model_id: str, config_hash: str, read_policy: str = "") -> str:
     h = hashlib.sha256(f"{model_id}|{config_hash}|{read_policy}|".encode())
     for r in rows:
-        h.update(json.dumps([r[k] for k in INSTANCE_COLUMNS] + [r["source_file"], r["position"], r["file_name"]],
-                            default=str).encode())
+        h.update(json.dumps([r[k] for k in INSTANCE_COLUMNS] + [r["source_file"], r["position"], r.get("detector_fields"),
+                                                                r["file_name"]], default=str).encode())
     return h.hexdigest()[:16]
 
 
@@ -338,6 +345,7 @@ def run_shard(opts: RefineOptions, rows: list[dict], cfg: BPRConfig, card: dict,
             current, images = [], set()
         images.add(r["image_id"])
         current.append({k: r[k] for k in WORK_SCHEMA.names})
+        current[-1]["detector_fields"] = current[-1]["detector_fields"] or ""  # one string type in every block
     blocks.append(current)
     ds = ray.data.from_arrow([pa.Table.from_pylist(b, schema=WORK_SCHEMA) for b in blocks])
     ds = ds.map_batches(ExtractPatches, fn_constructor_args=(opts.images, cfg.to_dict(), opts.exif, opts.max_image_pixels,
@@ -414,7 +422,19 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
         if table.num_rows != len(rows):
             raise RuntimeError(f"{name}: {len(rows)} instances in, {table.num_rows} out; not committing")
         n_patches = int(pc.sum(table["num_patches"]).as_py() or 0)
-        storage.write_bytes_atomic(marker, json.dumps({"key": key, "instances": len(rows), "patches": n_patches}).encode())
+        failed = [r for r in table.filter(pc.equal(pc.field("status"), "quarantined")).select(["image_id", "reason"]).to_pylist()
+                  if is_read_failure(r["reason"])]
+        bad_images = len({r["image_id"] for r in failed})
+        n_images = shards.images[i]
+        if bad_images and bad_images > opts.max_unreadable_share * n_images and (bad_images >= 3 or bad_images == n_images):
+            first = failed[0]["reason"]
+            raise JobFailed(f"{name}: {bad_images} of {n_images} images could not be read (more than "
+                            f"{opts.max_unreadable_share:.0%}, --max-unreadable-share): a systemic failure, e.g. no access "
+                            f"to the images from the workers; not committing. First error: {first}")
+        # A shard with read failures is committed (its outputs are complete, every instance
+        # accounted for) but not "done": the next run redoes it, so restored images get refined.
+        storage.write_bytes_atomic(marker, json.dumps({"key": key, "instances": len(rows), "patches": n_patches,
+                                                       "read_failures": len(failed)}).encode())
         dt = time.time() - ts
         done += 1
         timings.append({"shard": i, "instances": len(rows), "patches": n_patches, "seconds": round(dt, 3)})
@@ -433,7 +453,8 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
                 key = shard_key(rows, model_id, cfg.config_hash(), opts.read_policy())
                 keys.append(key)
                 marker = out.join("_commits", f"{name}.json")
-                if storage.exists(marker) and json.loads(storage.read_bytes(marker)).get("key") == key:
+                previous = json.loads(storage.read_bytes(marker)) if storage.exists(marker) else {}
+                if previous.get("key") == key and not previous.get("read_failures"):
                     skipped += 1
                     progress.add(shards.images[i], len(rows), 0, already_done=True, note=f"{name} already done")
                     continue
@@ -471,20 +492,55 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
     return manifest
 
 
+def reason_kind(reason: str) -> str:
+    """A quarantine reason -> a short kind for the summary line and the manifest."""
+    if is_read_failure(reason):
+        return "image unreadable (retried by the next run)"
+    for needle, kind in ((" resolves outside", "path outside the image root"), ("absolute path", "absolute path refused"),
+                         ("symlink", "symlink leaving the image root"), ("pixel limit", "over the pixel limit"),
+                         ("decompression-bomb", "over the pixel limit"), ("but the mask RLE is", "image/mask size mismatch"),
+                         ("invalid RLE", "invalid RLE"), ("not in the image index", "image_id not in the index"),
+                         ("unusable image index entry", "bad image index entry"), ("duplicate instance_id", "duplicate instance_id"),
+                         ("cannot decode", "image undecodable"), ("not a recognised image", "image undecodable"),
+                         ("unreadable header", "image undecodable")):
+        if needle in reason:
+            return kind
+    if " entry " in reason or " row " in reason:
+        return "invalid record"
+    return "other"
+
+
 def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
-    """Stream committed parts into refined.json and quarantine.parquet; check the invariant."""
+    """Stream committed parts into refined.json and quarantine.parquet; check the invariant.
+
+    refined.json holds every input detection that has a mask: refined, passed through, and
+    quarantined ones too (with their coarse mask, `bpr_status` and `bpr_reason`), so downstream AP
+    never drops because refinement failed. Only records without a readable mask (an invalid
+    segmentation, a non-numeric id) are in quarantine.parquet alone."""
     counts = defaultdict(int)
+    kinds: dict[str, int] = defaultdict(int)
     seen: set = set()
     with_source = len(getattr(shards, "sources", [])) > 1
-    duplicates = 0
+    duplicates = read_failures = in_json = 0
     quarantine_rows = [{k: r.get(k) for k in REFINED_SCHEMA.names} for r in prep_quarantine]
     for r in quarantine_rows:
         r.update(coarse_area=-1, refined_area=-1, num_patches=0, model_name=str(card.get("name")),
                  model_version=str(card.get("version", "")), config_hash=cfg.config_hash())
     counts["quarantined"] += len(quarantine_rows)
+
+    def representable(row) -> bool:
+        return bool(row.get("rle_counts")) and row.get("rle_h") is not None and row.get("rle_w") is not None \
+            and row.get("image_id") is not None and row.get("category_id") is not None and row.get("instance_id") is not None \
+            and row.get("score") is not None
+
     with storage.AtomicWriter(out.join("refined.json")) as f:
         f.write("[")
-        first = True
+
+        def emit(row) -> None:
+            nonlocal in_json
+            f.write(("," if in_json else "") + "\n" + json.dumps(row_to_result(row, with_source), separators=(",", ":")))
+            in_json += 1
+
         for i in range(len(shards)):
             table = _read_parts(out.join("parts", f"shard-{i:05d}")).sort_by(
                 [("image_id", "ascending"), ("instance_id", "ascending"), ("source_file", "ascending")])
@@ -495,10 +551,15 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
                 counts[row["status"]] += 1
                 if row["status"] == "quarantined":
                     quarantine_rows.append(row)
-                    continue
-                f.write(("" if first else ",") + "\n" + json.dumps(row_to_result(row, with_source), separators=(",", ":")))
-                first = False
+                emit(row)
+        for row in quarantine_rows[: len(prep_quarantine)]:  # stopped before sharding: pass those with a mask through
+            row["status"] = "quarantined"
+            if representable(row):
+                emit(row)
         f.write("\n]\n")
+    for row in quarantine_rows:
+        kinds[reason_kind(row["reason"] or "")] += 1
+        read_failures += is_read_failure(row["reason"])
     qt = pa.Table.from_pylist(quarantine_rows, schema=REFINED_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(qt, buf)
@@ -508,6 +569,8 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
                  "ok": n_out == n_in and duplicates == 0}
     if not invariant["ok"]:
         log.error("invariant violated: %s", invariant)
+    counts["read_failures"] = read_failures
+    counts["in_refined_json"] = in_json
     return {
         "inputs": {"images": opts.images, "coarse": opts.coarse, "image_info": opts.image_info},
         "outputs": {"refined_json": out.join("refined.json").uri, "parts": out.join("parts").uri,
@@ -518,6 +581,7 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
         "config_hash": cfg.config_hash(),
         "shards": [{"index": i, "key": k, "instances": c} for i, (c, k) in enumerate(zip(shards.counts, keys))],
         "counts": dict(counts, input=n_in),
+        "quarantine_reasons": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
         "invariant": invariant,
         "options": {k: v for k, v in asdict(opts).items() if k in ("shard_size", "batch_size", "refine_actors", "extract_actors", "refine_cpus",
                                                                     "shards_in_flight")},

@@ -93,8 +93,8 @@ def reprocess(detections: str, template: RefineOptions, lease_seconds: float = 3
         until = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(holder.get("expires_at", 0)))
         print(f"another run holds the lease ({holder.get('host')} pid {holder.get('pid')}, until {until} UTC); nothing to do",
               file=sys.stderr)
-        return {"skipped_lease": True, "refined": [], "up_to_date": []}
-    done, fresh = [], []
+        return {"skipped_lease": True, "refined": [], "up_to_date": [], "retry": []}
+    done, fresh, retry = [], [], []
     try:
         root = storage.resolve(detections)
         for f in list_detections(detections):
@@ -110,9 +110,14 @@ def reprocess(detections: str, template: RefineOptions, lease_seconds: float = 3
             manifest = run(replace(template, coarse=f.uri, out=target.uri))
             if not manifest["invariant"]["ok"]:
                 raise RuntimeError(f"{f.uri}: instance invariant violated; not marking it done")
-            storage.write_bytes_atomic(marker, json.dumps(key).encode())
-            done.append(rel)
+            if manifest["counts"].get("read_failures"):  # outputs written, but the next run retries the unread images
+                print(f"{f.uri}: {manifest['counts']['read_failures']} instances on unreadable images; not marking it done",
+                      file=sys.stderr, flush=True)
+                retry.append(rel)
+            else:
+                storage.write_bytes_atomic(marker, json.dumps(key).encode())
+                done.append(rel)
             lease.renew()
     finally:
         lease.release()
-    return {"skipped_lease": False, "refined": done, "up_to_date": fresh}
+    return {"skipped_lease": False, "refined": done, "up_to_date": fresh, "retry": retry}

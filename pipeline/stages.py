@@ -25,18 +25,47 @@ from .storage import PathRejected, confine, read_bytes, resolve
 __all__ = ["ImageReader", "ExtractPatches", "RefinePatches", "reassemble_image", "decode_image"]
 
 # Columns carried by every row from extraction to reassembly.
-META = ("image_id", "instance_id", "category_id", "score", "rle_counts", "rle_h", "rle_w", "source_file", "position")
+META = ("image_id", "instance_id", "category_id", "score", "rle_counts", "rle_h", "rle_w", "source_file", "position",
+        "detector_fields")
+
+
+READ_FAILED = " unreadable: "  # marks a reason as a read failure (retried by the next run), see is_read_failure
+
+
+def is_read_failure(reason: str | None) -> bool:
+    """Could the image's bytes not be read (missing, no access, network)? Such instances are
+    quarantined for this run only: their shard is not marked done, so a re-run retries them."""
+    return bool(reason) and reason.startswith("image ") and READ_FAILED in reason
 
 
 class ImageReader:
     """Reads an index's file_name under the images root with the job's policies: the path confined
     to the root (storage.confine), the pixel limit checked from the header, and the EXIF policy
-    (bpr_core.imageio). `read` raises ImageUnusable with the reason an instance is quarantined for."""
+    (bpr_core.imageio). `read` raises ImageUnusable with the reason an instance is quarantined for.
+
+    Transient read errors (timeouts, throttling, connection resets: any OSError but a missing file
+    or a refused permission) are retried `retries` times with exponential backoff from `backoff` s.
+    """
 
     def __init__(self, images_uri: str, exif: str = "stored", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 allow_absolute: bool = False):
+                 allow_absolute: bool = False, retries: int = 3, backoff: float = 0.5):
         self.root = resolve(images_uri)
         self.exif, self.max_pixels, self.allow_absolute = exif, max_pixels, allow_absolute
+        self.retries, self.backoff = retries, backoff
+
+    def _read_bytes(self, loc) -> bytes:
+        import time
+
+        for attempt in range(self.retries + 1):
+            try:
+                return read_bytes(loc)
+            except (FileNotFoundError, PermissionError, IsADirectoryError):
+                raise
+            except OSError:
+                if attempt == self.retries:
+                    raise
+                time.sleep(self.backoff * 2 ** attempt)
+        raise AssertionError("unreachable")
 
     def read(self, file_name: str) -> tuple[np.ndarray, ImageHeader, str]:
         """-> (HxWx3 RGB, header, the URI it was read from)."""
@@ -45,13 +74,16 @@ class ImageReader:
         except PathRejected as e:
             raise ImageUnusable(str(e)) from None
         try:
-            data = read_bytes(loc)
+            data = self._read_bytes(loc)
+        except Exception as e:  # missing, no access, or still failing after the retries
+            raise ImageUnusable(f"image {loc.uri}{READ_FAILED}{e.__class__.__name__}: {str(e)[:200]}") from None
+        try:
             header = read_header(data, loc.uri)
             return decode_image(data, loc.uri, self.exif, self.max_pixels, header), header, loc.uri
         except ImageRejected as e:
             raise ImageUnusable(str(e)) from None
-        except Exception as e:  # missing or unreadable
-            raise ImageUnusable(f"image {loc.uri} unreadable: {e.__class__.__name__}: {str(e)[:200]}") from None
+        except Exception as e:  # a decoder failure: the file is there but not a usable image
+            raise ImageUnusable(f"cannot decode image {loc.uri}: {e.__class__.__name__}: {str(e)[:200]}") from None
 
 
 class ImageUnusable(ValueError):
@@ -131,7 +163,7 @@ class ExtractPatches:
 
 def _empty_patch_batch(s: int) -> dict:
     d = {k: np.zeros(0, dtype=np.int64) for k in ("image_id", "instance_id", "category_id", "rle_h", "rle_w", "position")}
-    d.update({k: np.zeros(0, dtype=object) for k in ("rle_counts", "source_file", "status", "reason")})
+    d.update({k: np.zeros(0, dtype=object) for k in ("rle_counts", "source_file", "detector_fields", "status", "reason")})
     d["score"] = np.zeros(0)
     d["has_patch"] = np.zeros(0, bool)
     d["box"] = np.zeros((0, 4), np.int32)

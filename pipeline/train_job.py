@@ -55,6 +55,8 @@ class TrainOptions:
     resume: bool = False
     stop_after: int | None = None  # stop (as if killed) after this step; for resume tests
     pretrained: bool = False  # efflite0: start the encoder from EfficientNet-Lite0's ImageNet weights
+    # A lost worker or node restarts the worker group from the latest checkpoint, this many times.
+    max_failures: int = 3
     command: str = ""
 
 
@@ -62,12 +64,20 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+def reduction_device(backend: str, device) -> torch.device:
+    """Where a tensor must be for an all-reduce: NCCL reduces CUDA tensors only (a CPU tensor
+    crashed the first validation of `jobs.train --gpu`), gloo reduces CPU tensors."""
+    return torch.device(device) if str(backend).lower() == "nccl" else torch.device("cpu")
+
+
+def _all_reduce(t: torch.Tensor, device="cpu") -> torch.Tensor:
+    """Sum `t` over the workers (a no-op outside a process group); the result is on the CPU."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        t = t.clone().float().cpu() if t.device.type == "cpu" else t.clone()
+        t = t.detach().clone().float().to(reduction_device(dist.get_backend(), device))
         dist.all_reduce(t)
+        t = t.cpu()
     return t
 
 
@@ -81,7 +91,7 @@ def validate(model, val_iter_factory, cfg: BPRConfig, device, batch_size: int) -
             loss = F.cross_entropy(logits, gt[:, 0].long(), reduction="sum") / gt[0, 0].numel()
             pred = logits.argmax(1, keepdim=True)
             m.update(pred.cpu(), msk.cpu(), gt.cpu(), float(loss))
-    m.t = _all_reduce(m.t.float()).double()
+    m.t = _all_reduce(m.t.float(), device).double()
     model.train()
     return m.result()
 
@@ -231,8 +241,20 @@ def export(best_dir: storage.Location, out: storage.Location, opts: TrainOptions
     return out.join("model.pt").uri
 
 
+def make_run_config(opts: TrainOptions, run_root: storage.Location):
+    """Checkpoints kept under OUT/ray; a failed worker group (a lost node) is restarted from the
+    latest checkpoint up to opts.max_failures times (the loop restores from ray.train.get_checkpoint)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                     storage_path=run_root.uri if not run_root.is_s3 else run_root.path,
+                     storage_filesystem=run_root.fs if run_root.is_s3 else None,
+                     checkpoint_config=CheckpointConfig(num_to_keep=None),
+                     failure_config=FailureConfig(max_failures=opts.max_failures))
+
+
 def run(opts: TrainOptions) -> dict:
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     out = storage.resolve(opts.out)
@@ -261,10 +283,7 @@ def run(opts: TrainOptions) -> dict:
         train_loop_config={"opts": loop_opts, "bpr": opts.config.to_dict(), "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.use_gpu,
                                      resources_per_worker={"CPU": opts.cpus_per_worker}),
-        run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                             storage_path=run_root.uri if not run_root.is_s3 else run_root.path,
-                             storage_filesystem=run_root.fs if run_root.is_s3 else None,
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        run_config=make_run_config(opts, run_root),
         datasets={"train": train_ds, "val": val_ds},
     )
     trainer.fit()

@@ -93,7 +93,24 @@ def bad_run(tmp_path_factory, ray_session):
     for r in rows:
         by_pos.setdefault((r["image_id"], r["instance_id"]), []).append(r)
     return {"code": code, "dets": dets, "cases": cases, "rows": rows, "manifest": json.loads((out / "manifest.json").read_text()),
-            "by_key": by_pos}
+            "by_key": by_pos, "refined_json": json.loads((out / "refined.json").read_text())}
+
+
+def test_refined_json_holds_every_detection_that_has_a_mask(bad_run):
+    """Quarantined instances pass through with their coarse mask and the reason, so downstream AP
+    never drops because refinement failed; only records without a readable mask are left out."""
+    out = bad_run["refined_json"]
+    no_mask = {"nan_score"}  # the one record the reader could not use at all
+    expected = sum(len(v) for k, v in bad_run["cases"].items() if k not in no_mask)
+    assert len(out) == bad_run["manifest"]["counts"]["in_refined_json"] == expected
+    by_key = {(e["image_id"], e["instance_id"]): e for e in out}
+    for case in ("missing_image", "truncated_png", "corrupt_jpeg", "size_mismatch", "invalid_rle", "unknown_image_id"):
+        for pos in bad_run["cases"][case]:
+            d = bad_run["dets"][pos]
+            e = by_key[(d["image_id"], d.get("instance_id", pos))]
+            assert e["bpr_status"] == "quarantined" and e["bpr_reason"]
+            assert e["segmentation"]["counts"] == d["segmentation"]["counts"]  # the coarse mask, unchanged
+    assert {e["bpr_status"] for e in out} == {"refined", "passed_through", "quarantined"}
 
 
 def _rows_for(run, case):
@@ -107,7 +124,8 @@ def _rows_for(run, case):
 
 def test_job_completes_and_counts_balance(bad_run):
     m = bad_run["manifest"]
-    assert bad_run["code"] == 0
+    assert bad_run["code"] == refine.EXIT_READ_FAILURES  # done, but the missing image is retried by the next run
+    assert m["counts"]["read_failures"] == len(bad_run["cases"]["missing_image"]) == 1
     assert m["invariant"]["ok"] and m["counts"]["input"] == len(bad_run["dets"]) == len(bad_run["rows"])
 
 

@@ -164,6 +164,10 @@ def hostile(tmp_path_factory, ray_session):
     record("score_missing", no_score, "missing score")
     record("not_an_object", 42, "expected an object, got int")
     case("integral_float_id", _det(float(rec_id)), "refined")  # 3.0 is exactly 3: accepted
+    record("bbox_bad", _det(rec_id, bbox=[1, 2, 3]), "bbox [1, 2, 3] is not [x, y, width, height] of finite numbers")
+    record("extra_nan", _det(rec_id, area=float("nan")), "a detector field holds NaN or Infinity (area)")
+    # the detector's own keys travel through and come back in refined.json
+    case("detector_keys", _det(rec_id, bbox=[1.5, 2, 30, 40], track_id=7, attributes={"occluded": True}), "refined")
     # image index: a duplicate id and a fractional size make that image's detections unusable
     dup = image("dup_a.png", good)
     images.append({"id": dup, "file_name": "dup_b.png", "height": H, "width": W})
@@ -194,6 +198,7 @@ def hostile(tmp_path_factory, ray_session):
     out = root / "out"
     rows, by_pos = _all_rows(out)
     return {"code": code, "expect": expect, "rows": rows, "by_pos": by_pos, "source": C, "dets": dets,
+            "refined_json": json.loads((out / "refined.json").read_text()),
             "manifest": json.loads((out / "manifest.json").read_text()), "out": out}
 
 
@@ -208,6 +213,7 @@ CASES = ["plain", "dotdot", "absolute", "etc_hostname", "symlink_out", "symlink_
          "score_null", "score_string", "score_nan", "category_null", "segmentation_null", "polygon_2", "polygon_4",
          "image_id_string", "image_id_bool", "image_id_fraction", "instance_id_string", "instance_id_huge", "image_id_2_64",
          "size_nan", "size_fraction", "category_missing", "score_missing", "not_an_object", "integral_float_id",
+         "bbox_bad", "extra_nan", "detector_keys",
          "index_duplicate", "index_fraction", "image_over_limit", "decompression_bomb", "mask_over_limit"]
 
 
@@ -220,6 +226,28 @@ def test_each_case_has_its_exact_status_and_reason(hostile, name):
         assert row["reason"] == "" and row["rle_counts"] == det["segmentation"]["counts"]  # identity: bit for bit
     else:
         assert row["reason"] == reason
+
+
+def test_refined_json_keeps_the_detectors_box_and_keys(hostile):
+    position, det, _, _ = hostile["expect"]["detector_keys"]
+    (entry,) = [e for e in hostile["refined_json"] if e["image_id"] == det["image_id"] and e["instance_id"] == position]
+    assert entry["bbox"] == [1.5, 2, 30, 40] and entry["refined_bbox"] == rle.to_bbox(det["segmentation"])
+    assert entry["track_id"] == 7 and entry["attributes"] == {"occluded": True} and entry["bpr_status"] == "refined"
+    plain = [e for e in hostile["refined_json"] if e["instance_id"] == hostile["expect"]["plain"][0]][0]
+    assert plain["bbox"] == plain["refined_bbox"]  # no detector box given: the mask's
+
+
+def test_refined_json_holds_every_detection_with_a_mask(hostile):
+    """Quarantined detections that have a mask (a refused path, an oversized image, ...) pass
+    through in refined.json with their coarse mask and reason; records without one cannot."""
+    have_mask = [n for n, (pos, det, status, _) in hostile["expect"].items()
+                 if isinstance(det, dict) and status != "quarantined" or n in (
+                     "dotdot", "absolute", "etc_hostname", "symlink_out", "exif_rotated_mask", "index_duplicate",
+                     "index_fraction", "image_over_limit", "decompression_bomb", "mask_over_limit")]
+    out = hostile["refined_json"]
+    assert len(out) == len(have_mask) == hostile["manifest"]["counts"]["in_refined_json"]
+    quarantined = [e for e in out if e["bpr_status"] == "quarantined"]
+    assert len(quarantined) == 10 and all(e["bpr_reason"] for e in quarantined)
 
 
 def test_every_case_is_listed(hostile):

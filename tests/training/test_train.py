@@ -76,3 +76,30 @@ def test_short_training_improves_and_exports_a_loadable_model(tiny_sets, tmp_pat
     masks = np.zeros((1, 100, 120), bool)
     masks[0, 20:70, 30:90] = True
     assert r.refine(img, masks).shape == (1, 100, 120)
+
+
+def test_validation_reduction_runs_on_the_backends_device(monkeypatch):
+    """NCCL reduces CUDA tensors only: the metrics go to the training device for the all-reduce
+    (the --gpu crash), gloo keeps them on the CPU; the result is always on the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.train_job import _all_reduce, reduction_device
+
+    assert reduction_device("nccl", torch.device("cuda:1")) == torch.device("cuda:1")
+    assert reduction_device("gloo", torch.device("cuda:1")) == torch.device("cpu")
+    assert reduction_device("gloo", "cpu") == torch.device("cpu")
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (seen.append(t.device), t.mul_(2)))
+    out = _all_reduce(torch.ones(3, dtype=torch.float64), torch.device("cpu"))
+    assert seen == [torch.device("cpu")] and out.device.type == "cpu" and out.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_a_lost_worker_restarts_from_the_latest_checkpoint(tmp_path):
+    from pipeline import storage
+    from pipeline.train_job import TrainOptions, make_run_config
+
+    rc = make_run_config(TrainOptions(data=[], val=[], out=str(tmp_path), max_failures=5), storage.resolve(str(tmp_path / "ray")))
+    assert rc.failure_config.max_failures == 5 and rc.storage_path == str(tmp_path / "ray")
