@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ from bpr_core.refiner import make_patch_refiner
 
 from . import storage
 from .console import Progress
+from .lease import Lease
 from .stages import ExtractPatches, RefinePatches, is_read_failure, reassemble_image
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class RefineOptions:
     # A shard fails the job (not committed) when more than this share of its images cannot be read
     # (and at least 3, or all of them): a systemic problem such as no image access from the workers.
     max_unreadable_share: float = 0.25
+    lease_seconds: float = 600.0  # the lease on OUT (pipeline.lease), renewed by a heartbeat
     progress_interval: float = 30.0  # seconds between progress lines while a shard runs (0: only at commits)
     # Input policies (README, reliability): how images are decoded and which paths may be read.
     exif: str = "stored"  # stored pixels, or "apply" the EXIF orientation (bpr_core.imageio)
@@ -390,7 +393,7 @@ def run(opts: RefineOptions, prepared: tuple | None = None, started: float | Non
     try:
         patch_refiner, cfg, card = make_patch_refiner(opts.method, opts.checkpoint, "cpu", opts.config)
         del patch_refiner
-        model_id = f"{card.get('name')}@{card.get('version', '')}"
+        model_id = model_identity(opts.method, opts.checkpoint, card)
         out = storage.resolve(opts.out)
         storage.makedirs(out)
         shards, prep_quarantine, n_in = prepared or prepare_shards(opts)
@@ -398,13 +401,37 @@ def run(opts: RefineOptions, prepared: tuple | None = None, started: float | Non
         if prepared:
             prepared[0].close()
         raise
+    lease = Lease(out, uuid.uuid4().hex, opts.lease_seconds)
     try:
-        return _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0)
+        ok, holder = lease.acquire()
+        if not ok:
+            raise JobFailed(f"another run is writing to {out.uri} ({Lease.describe(holder)}); wait for it to finish, "
+                            "or give another --out")
+        lease.start_heartbeat()
+        # Readers see "in_progress" until the outputs are complete: the previous run's "ok" manifest
+        # never sits beside this run's partial refined.json.
+        storage.write_bytes_atomic(out.join("manifest.json"), json.dumps(
+            {"status": "in_progress", "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "inputs": {"images": opts.images, "coarse": opts.coarse, "image_info": opts.image_info}, "model": model_id},
+            indent=2).encode())
+        return _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, lease)
     finally:
+        lease.release()
         shards.close()
 
 
-def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0) -> dict:
+def model_identity(method: str, checkpoint: str | None, card: dict) -> str:
+    """The model as part of every shard key: card name and version, and for a network the content
+    hash of its checkpoint, so another model that carries the same card never reuses old results."""
+    ident = f"{card.get('name')}@{card.get('version', '')}"
+    if method == "network":
+        from bpr_core.refiner import DEFAULT_WEIGHTS
+
+        ident += "#" + storage.sha256_hex(storage.resolve(str(checkpoint or DEFAULT_WEIGHTS)))[:16]
+    return ident
+
+
+def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, lease=None) -> dict:
     device, num_gpus = _resources(opts)
     _progress(f"bpr refine: {sum(shards.images):,} images, {n_in:,} instances ({len(prep_quarantine):,} quarantined on reading), "
               f"{len(shards)} shards of up to {opts.shard_size} images; refiner {card.get('name')} ({opts.method}) on {device}; "
@@ -418,6 +445,8 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
     def commit(i, name, rows, key, marker, parts, ts, fut):
         nonlocal stats_text, done
         stats_text = fut.result() or stats_text
+        if lease is not None and lease.lost:
+            raise JobFailed(f"lost the lease on {out.uri} to another run; {name} not committed")
         table = _read_parts(parts)
         if table.num_rows != len(rows):
             raise RuntimeError(f"{name}: {len(rows)} instances in, {table.num_rows} out; not committing")
@@ -486,6 +515,7 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
     manifest["timings"] = {"total_seconds": round(time.time() - t0, 3), "shards_run": done, "shards_skipped": skipped,
                            "per_shard": timings}
     manifest["device"] = device
+    manifest["status"] = "complete"
     storage.write_bytes_atomic(out.join("manifest.json"), json.dumps(manifest, indent=2).encode())
     if stats_text:
         manifest["_stats"] = stats_text
