@@ -312,12 +312,53 @@ def prepare_shards(opts: RefineOptions) -> tuple[ShardSpill, list[dict], int]:
     return shards, quarantined, n_in
 
 
-def shard_key(rows: list[dict], model_id: str, config_hash: str, read_policy: str = "") -> str:
+def shard_key(rows: list[dict], model_id: str, config_hash: str, read_policy: str = "",
+              image_stats: "ImageStats | None" = None) -> str:
+    """What a shard's outputs depend on: its instance rows, the model (with its checkpoint's hash),
+    the config, the input policies, and each image's identity (size and modification time), so a
+    replaced image is refined again."""
     h = hashlib.sha256(f"{model_id}|{config_hash}|{read_policy}|".encode())
     for r in rows:
         h.update(json.dumps([r[k] for k in INSTANCE_COLUMNS] + [r["source_file"], r["position"], r.get("detector_fields"),
                                                                 r["file_name"]], default=str).encode())
+    if image_stats is not None:
+        for name in sorted({r["file_name"] for r in rows}):
+            h.update(f"{name}={image_stats.get(name, 'missing')}|".encode())
     return h.hexdigest()[:16]
+
+
+class ImageStats:
+    """Identity ("size:mtime_ns") of image file_names, from one recursive listing of the images
+    root (on S3, LIST calls of 1,000 keys, never a request per image); names outside the root
+    (--allow-absolute-paths) are looked up one by one. A missing file has none."""
+
+    def __init__(self, images_uri: str):
+        root = storage.resolve(images_uri)
+        self.listed: dict[str, str] = {}
+        try:
+            infos = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True, allow_not_found=True))
+        except OSError:
+            infos = []
+        prefix = root.path.rstrip("/") + "/"
+        for info in infos:
+            if info.type == pafs.FileType.File and info.path.startswith(prefix):
+                self.listed[info.path[len(prefix):]] = f"{info.size}:{info.mtime_ns}"
+
+    def get(self, name: str, default: str = "missing") -> str:
+        import posixpath
+
+        rel = posixpath.normpath(name)
+        if rel in self.listed:
+            return self.listed[rel]
+        if "://" in name or name.startswith("/"):
+            try:
+                loc = storage.resolve(name)
+                info = loc.fs.get_file_info(loc.path)
+                if info.type == pafs.FileType.File:
+                    return f"{info.size}:{info.mtime_ns}"
+            except (OSError, InputError):
+                pass
+        return default
 
 
 def _resources(opts: RefineOptions) -> tuple[str, float]:
@@ -473,13 +514,14 @@ def _run_shards(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t
     # groupby is a barrier, and its shuffle, reassembly, write and the next shard's actor start-up
     # would otherwise leave the network idle (measured in the README's performance section).
     in_flight = max(1, opts.shards_in_flight)
+    stats = ImageStats(opts.images)
     pending: deque = deque()
     with progress, ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bpr-shard") as pool:
         try:
             for i in range(len(shards)):
                 rows = shards[i]
                 name = f"shard-{i:05d}"
-                key = shard_key(rows, model_id, cfg.config_hash(), opts.read_policy())
+                key = shard_key(rows, model_id, cfg.config_hash(), opts.read_policy(), stats)
                 keys.append(key)
                 marker = out.join("_commits", f"{name}.json")
                 previous = json.loads(storage.read_bytes(marker)) if storage.exists(marker) else {}

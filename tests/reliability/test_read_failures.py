@@ -124,3 +124,29 @@ def test_reprocess_does_not_mark_a_file_with_unread_images_done(ray_session, tmp
     second = reprocess(str(dets), template)
     assert second["refined"] == ["batch.json"] and second["retry"] == []
     assert reprocess(str(dets), template)["up_to_date"] == ["batch.json"]
+
+
+def test_a_replaced_image_is_refined_again(ray_session, tmp_path, synth30):
+    """Image identity (size and modification time, from one listing) is part of the shard key: an
+    unchanged re-run does nothing, a replaced image redoes exactly its shard."""
+    import os
+
+    import cv2
+    import numpy as np
+
+    data = _copy(synth30, tmp_path / "data")
+    out = tmp_path / "out"
+    assert refine.main(_args(data, out)) == 0
+    assert refine.main(_args(data, out)) == 0
+    assert json.loads((out / "manifest.json").read_text())["timings"]["shards_run"] == 0
+    index = {im["id"]: im["file_name"] for im in json.loads((data / "annotations.json").read_text())["images"]}
+    path = data / "images" / index[25]
+    old = cv2.imread(str(path))
+    cv2.imwrite(str(path), np.ascontiguousarray(old[:, ::-1]))  # another picture, same name and size
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    before = (out / "refined.json").read_bytes()
+    assert refine.main(_args(data, out)) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["timings"]["shards_run"] == 1 and m["timings"]["shards_skipped"] == 2
+    assert (out / "refined.json").read_bytes() != before  # the guided filter saw the new picture
