@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     with quiet_ray(args.verbose):
         try:
             init_ray(args.address, args.num_cpus)
+            from pipeline.runtime import check_paths_on_every_node
+
+            check_paths_on_every_node({"--images": opts.images, "--checkpoint": opts.checkpoint}, out=opts.out)
         except BaseException:
             prepared[0].close()
             raise

@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with quiet_ray(args.verbose):
         init_ray(args.address, args.num_cpus)
+        from pipeline.runtime import check_paths_on_every_node
+
+        check_paths_on_every_node({"--images": template.images, "--checkpoint": template.checkpoint,
+                                   "--detections": args.detections}, out=template.out)
         result = reprocess(args.detections, template, args.lease_seconds)
     if not result["skipped_lease"]:
         print(f"refined {len(result['refined'])} detector output(s): {', '.join(result['refined']) or '-'}; "

@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                         resume=args.resume, stop_after=args.stop_after, pretrained=pretrained, max_failures=args.max_failures,
                         command="python -m jobs.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     init_ray(args.address, args.num_cpus, log_to_driver=True)
+    from pipeline.runtime import check_paths_on_every_node
+
+    check_paths_on_every_node({**{f"--data #{i + 1}": d for i, d in enumerate(args.data)},
+                               **{f"--val #{i + 1}": d for i, d in enumerate(args.val)}}, out=args.out)
     summary = run(opts)
     if "model" in summary:
         b = summary["best"]
