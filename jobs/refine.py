@@ -78,7 +78,8 @@ def build_parser(prog: str | None = None, doc: str = __doc__, coarse: bool = Tru
     m.add_argument("--refiner", default=None, choices=["network", "guided-filter", "identity"],
                    help="network (default when a model is available), guided-filter (non-learned baseline), "
                         "identity (returns the coarse masks; for checks)")
-    m.add_argument("--checkpoint", help=f"model checkpoint (default: the shipped model, {DEFAULT_WEIGHTS.name})")
+    m.add_argument("--checkpoint", help=f"model checkpoint, a local path or s3:// (downloaded once per node into "
+                                        f"~/.cache/bpr); default: the shipped model, {DEFAULT_WEIGHTS.name}")
     c = ap.add_argument_group("algorithm (defaults: the checkpoint's own config; BPRConfig's for the other refiners)")
     d = BPRConfig()
     c.add_argument("--patch-size", type=_number(int, lo=2), help=f"patch side in px; a network uses its checkpoint's and refuses another (else {d.patch_size})")

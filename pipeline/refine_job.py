@@ -149,10 +149,11 @@ def check_model(opts: RefineOptions) -> None:
     checkpoint (e.g. --patch-size against the checkpoint's) is one clear error before Ray starts."""
     from bpr_core.formats import InputError
 
+    local = storage.local_file(opts.checkpoint)
     try:
-        make_patch_refiner(opts.method, opts.checkpoint, "cpu", opts.config)
+        make_patch_refiner(opts.method, local, "cpu", opts.config)
     except (ValueError, FileNotFoundError) as e:
-        raise InputError(str(e)) from e
+        raise InputError(str(e).replace(str(local), str(opts.checkpoint)) if local else str(e)) from e
 
 
 class ShardSpill:
@@ -432,9 +433,9 @@ def run(opts: RefineOptions, prepared: tuple | None = None, started: float | Non
     removes its spill files either way."""
     t0 = started or time.time()
     try:
-        patch_refiner, cfg, card = make_patch_refiner(opts.method, opts.checkpoint, "cpu", opts.config)
+        patch_refiner, cfg, card = make_patch_refiner(opts.method, storage.local_file(opts.checkpoint), "cpu", opts.config)
         del patch_refiner
-        model_id = model_identity(opts.method, opts.checkpoint, card)
+        model_id = model_identity(opts.method, storage.local_file(opts.checkpoint), card)
         out = storage.resolve(opts.out)
         storage.makedirs(out)
         shards, prep_quarantine, n_in = prepared or prepare_shards(opts)

@@ -59,8 +59,8 @@ def list_detections(prefix: str) -> list[storage.Location]:
 def reprocess(detections: str, template: RefineOptions, lease_seconds: float = 3600.0) -> dict:
     """Refine each new or changed detections file. `template` carries images, image index, output
     prefix and model/config; its `coarse` and `out` are set per file."""
-    _, cfg, card = make_patch_refiner(template.method, template.checkpoint, "cpu", template.config)
-    model_id = model_identity(template.method, template.checkpoint, card)
+    _, cfg, card = make_patch_refiner(template.method, storage.local_file(template.checkpoint), "cpu", template.config)
+    model_id = model_identity(template.method, storage.local_file(template.checkpoint), card)
     out = storage.resolve(template.out)
     storage.makedirs(out)
     lease = Lease(out, uuid.uuid4().hex, lease_seconds)

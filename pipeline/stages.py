@@ -182,7 +182,9 @@ class RefinePatches:
         from bpr_core.refiner import make_patch_refiner
 
         torch.set_num_threads(max(1, threads))
-        self.refiner, self.cfg, _ = make_patch_refiner(method, checkpoint, device, BPRConfig.from_dict(config))
+        from .storage import local_file
+
+        self.refiner, self.cfg, _ = make_patch_refiner(method, local_file(checkpoint), device, BPRConfig.from_dict(config))
         self.calls = 0
         self.net_batch = net_batch
         # Fault injection for the reliability tests only: the actor process dies on its k-th batch

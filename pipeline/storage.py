@@ -222,3 +222,29 @@ def check_readable(uri: str, what: str) -> Location:
     if not ok:
         raise InputError(f"{what} not found: {uri}")
     return loc
+
+
+def local_file(uri: str | None, cache: str | None = None) -> str | None:
+    """A local path for a file that may live on S3 (a checkpoint that `jobs.train` wrote to
+    s3://...): S3 objects are downloaded once per machine into a cache keyed by URI, size and
+    modification time (written under a temporary name, then renamed); local paths pass through."""
+    if not uri or not uri.startswith("s3://"):
+        return uri
+    loc = resolve(uri)
+    try:
+        info = loc.fs.get_file_info(loc.path)
+    except OSError as e:
+        raise InputError(f"cannot read {redact(uri)}: {str(e).splitlines()[0]}") from None
+    if info.type != pafs.FileType.File:
+        raise InputError(f"checkpoint not found: {redact(uri)}")
+    cache = cache or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bpr", "s3")
+    tag = hashlib.sha256(f"{uri}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:16]
+    path = os.path.join(cache, f"{tag}-{posixpath.basename(loc.path)}")
+    if not os.path.isfile(path):
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with loc.fs.open_input_stream(loc.path) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        os.replace(tmp, path)
+    return path

@@ -119,3 +119,36 @@ def test_missing_output_bucket_is_one_line_before_any_work(s3_server, synth30, t
         refine.main(["--images", str(synth30 / "images"), "--coarse", str(synth30 / "coarse.json"), "--image-info",
                      str(synth30 / "annotations.json"), "--out", "s3://no-such-bucket/out", "--refiner", "identity"])
     assert str(e.value) == "output location s3://no-such-bucket/out: bucket 'no-such-bucket' does not exist"
+
+
+def test_checkpoint_on_s3_refines_like_the_local_file(ray_session, s3_server, synth30, tmp_path):
+    """A model `jobs.train` wrote to s3:// is used by `jobs.refine --checkpoint s3://...` (fetched
+    once per node into a cache), with the same results as the local file."""
+    import torch
+
+    from bpr_core import BPRConfig, save_checkpoint
+    from bpr_core.model import build_model
+
+    torch.manual_seed(3)
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, build_model("hrnet_lite"), BPRConfig(model="hrnet_lite", input_size=64), {"name": "s3-model", "version": "1"})
+    s3 = _client(s3_server)
+    s3.create_bucket(Bucket="models")
+    s3.upload_file(str(ckpt), "models", "runs/run1/model.pt")
+    local = run(RefineOptions(images=str(synth30 / "images"), coarse=str(synth30 / "coarse.json"),
+                              image_info=str(synth30 / "annotations.json"), out=str(tmp_path / "local"), checkpoint=str(ckpt),
+                              shard_size=15))
+    assert local["invariant"]["ok"]
+    rc, log = run_refine_subprocess(
+        ["--images", str(synth30 / "images"), "--coarse", str(synth30 / "coarse.json"), "--image-info",
+         str(synth30 / "annotations.json"), "--out", str(tmp_path / "remote"), "--checkpoint", "s3://models/runs/run1/model.pt",
+         "--shard-size", "15", "--num-cpus", "2"],
+        {**s3_server, "XDG_CACHE_HOME": str(tmp_path / "cache"), "BPR_RAY_TEMP_DIR": f"/tmp/bprt-s3m-{os.getpid()}-{int(time.time())}"})
+    assert rc == 0, log
+    assert (tmp_path / "remote" / "refined.json").read_bytes() == (tmp_path / "local" / "refined.json").read_bytes()
+    assert len(list((tmp_path / "cache" / "bpr" / "s3").iterdir())) == 1
+    rc, log = run_refine_subprocess(
+        ["--images", str(synth30 / "images"), "--coarse", str(synth30 / "coarse.json"), "--image-info",
+         str(synth30 / "annotations.json"), "--out", str(tmp_path / "none"), "--checkpoint", "s3://models/runs/nope.pt"],
+        s3_server, timeout=120)
+    assert rc == 2 and "error: checkpoint not found: s3://models/runs/nope.pt" in log and "Traceback" not in log, log
