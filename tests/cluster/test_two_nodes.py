@@ -68,8 +68,20 @@ def two_nodes(tmp_path_factory):
     shared = Path(temp) / "shared"
     write_dataset(hidden / "data", 6, seed=5)
     write_dataset(shared / "data", 6, seed=5)
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    # Both nodes get the S3 endpoint and credentials in their environment, as instance profiles
+    # would give them on AWS.
+    s3_env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bprtestkey",
+              "AWS_SECRET_ACCESS_KEY": "bprTestSecret", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **s3_env})
     gcs = _port()
     agents = lambda: [f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",  # noqa: E731
                       f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}"]
@@ -83,9 +95,10 @@ def two_nodes(tmp_path_factory):
         script = f"mount -t tmpfs tmpfs {hidden} && exec " + " ".join(worker)
         subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=env, check=True,
                        capture_output=True, timeout=120)
-        yield {"address": f"127.0.0.1:{gcs}", "hidden": hidden / "data", "shared": shared / "data", "temp": temp}
+        yield {"address": f"127.0.0.1:{gcs}", "hidden": hidden / "data", "shared": shared / "data", "temp": temp, "s3": s3_env}
     finally:
         _kill_tree(temp)
+        moto.stop()
 
 
 def _refine(nodes, data, out, extra_env=None):
@@ -114,3 +127,24 @@ def test_paths_every_node_sees_refine_across_both_nodes(two_nodes):
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete" and m["invariant"]["ok"]
     assert len(json.loads((out / "refined.json").read_text())) == m["counts"]["input"]
+
+
+def test_s3_inputs_and_outputs_work_across_both_nodes(two_nodes):
+    import boto3
+
+    env = two_nodes["s3"]
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_REGION"])
+    s3.create_bucket(Bucket="two")
+    data = two_nodes["hidden"]  # only the head can see these files locally: every node must go through S3
+    for p in sorted(data.rglob("*")):
+        if p.is_file():
+            s3.upload_file(str(p), "two", f"in/{p.relative_to(data).as_posix()}")
+    rc, log = run_job("jobs.refine", ["--address", two_nodes["address"], "--images", "s3://two/in/images", "--coarse",
+                                      "s3://two/in/coarse.json", "--image-info", "s3://two/in/annotations.json",
+                                      "--out", "s3://two/out", "--refiner", "guided-filter"], env, timeout=300)
+    assert rc == 0, log
+    m = json.loads(s3.get_object(Bucket="two", Key="out/manifest.json")["Body"].read())
+    assert m["status"] == "complete" and m["invariant"]["ok"]
+    out = json.loads(s3.get_object(Bucket="two", Key="out/refined.json")["Body"].read())
+    assert len(out) == m["counts"]["input"] > 0

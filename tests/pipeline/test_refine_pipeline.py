@@ -74,7 +74,9 @@ def test_missing_image_is_quarantined_and_the_rest_completes(ray_session, tmp_pa
     assert lost and m["counts"]["quarantined"] == len(lost) and m["invariant"]["ok"]
     q = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pylist()
     assert {r["image_id"] for r in q} == {5} and all("000004.png" in r["reason"] for r in q)
-    assert len(json.loads((tmp_path / "out" / "refined.json").read_text())) == len(coarse) - len(lost)
+    entries = json.loads((tmp_path / "out" / "refined.json").read_text())
+    assert len(entries) == len(coarse)  # every detection, the lost image's with their coarse masks
+    assert sorted(e["bpr_status"] == "quarantined" for e in entries).count(True) == len(lost)
 
 
 def test_killed_run_resumes_to_the_same_output_without_duplicates(tmp_path, synth30):

@@ -101,7 +101,8 @@ def test_s3_image_keys_stay_under_the_images_prefix(s3_server, tmp_path):
         {**s3_server, "BPR_RAY_TEMP_DIR": f"/tmp/bprt-s3c-{os.getpid()}-{int(time.time())}"})
     assert rc == 0, log
     refined = json.loads(s3.get_object(Bucket="bpr-test", Key="out/refined.json")["Body"].read())
-    assert sorted(e["image_id"] for e in refined) == [1, 4]  # "sub/../a.png" stays inside: fine
+    status = {e["image_id"]: e["bpr_status"] for e in refined}  # every detection, refused ones with their coarse mask
+    assert status == {1: "refined", 2: "quarantined", 3: "quarantined", 4: "refined"}  # "sub/../a.png" stays inside
     local = tmp_path / "q.parquet"
     s3.download_file("bpr-test", "out/quarantine.parquet", str(local))
     reasons = {r["image_id"]: r["reason"] for r in pq.read_table(local).to_pylist()}
