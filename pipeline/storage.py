@@ -224,9 +224,9 @@ def check_readable(uri: str, what: str) -> Location:
     return loc
 
 
-def local_file(uri: str | None, cache: str | None = None) -> str | None:
+def local_file(uri: str | None, cache: str | None = None, what: str = "checkpoint") -> str | None:
     """A local path for a file that may live on S3 (a checkpoint that `jobs.train` wrote to
-    s3://...): S3 objects are downloaded once per machine into a cache keyed by URI, size and
+    s3://..., a training set's annotations): S3 objects are downloaded once per machine into a cache keyed by URI, size and
     modification time (written under a temporary name, then renamed); local paths pass through."""
     if not uri or not uri.startswith("s3://"):
         return uri
@@ -236,7 +236,7 @@ def local_file(uri: str | None, cache: str | None = None) -> str | None:
     except OSError as e:
         raise InputError(f"cannot read {redact(uri)}: {str(e).splitlines()[0]}") from None
     if info.type != pafs.FileType.File:
-        raise InputError(f"checkpoint not found: {redact(uri)}")
+        raise InputError(f"{what} not found: {redact(uri)}")
     cache = cache or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bpr", "s3")
     tag = hashlib.sha256(f"{uri}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:16]
     path = os.path.join(cache, f"{tag}-{posixpath.basename(loc.path)}")

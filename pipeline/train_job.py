@@ -205,8 +205,11 @@ def _datasets(opts: TrainOptions):
     from .training_data import build_patch_dataset
 
     def build(dirs, sample):
-        dss = [build_patch_dataset(os.path.join(d, "images"), os.path.join(d, "coarse.json"), os.path.join(d, "annotations.json"),
-                                   opts.config, opts.nms_iou, opts.min_iou, sample, opts.seed) for d in dirs]
+        # a data directory is local (every node mounts it) or s3://: images are read by the workers,
+        # the two JSON files by the driver (fetched into a local cache for S3)
+        dss = [build_patch_dataset(storage.resolve(d).join("images").uri, storage.resolve(d).join("coarse.json").uri,
+                                   storage.resolve(d).join("annotations.json").uri, opts.config, opts.nms_iou, opts.min_iou,
+                                   sample, opts.seed) for d in dirs]
         ds = dss[0] if len(dss) == 1 else dss[0].union(*dss[1:])
         # Materialised: small on one box, and a streaming Ray Data stage beside CPU train workers
         # deadlocks on 2 cores (measured).

@@ -25,6 +25,9 @@ from .stages import ImageReader
 
 def instance_table(images: str, coarse: str, gt: str, sample: int | None = None, seed: int = 0) -> pa.Table:
     """One row per coarse instance with its image file and the RLEs of same-category GT instances."""
+    from .storage import local_file
+
+    gt, coarse = local_file(gt, what="annotations"), local_file(coarse, what="coarse results")
     coco = load_coco_gt(gt)
     index = load_image_index(gt)
     rows = read_results_json(coarse, index)

@@ -153,3 +153,27 @@ def test_checkpoint_on_s3_refines_like_the_local_file(ray_session, s3_server, sy
          str(synth30 / "annotations.json"), "--out", str(tmp_path / "none"), "--checkpoint", "s3://models/runs/nope.pt"],
         s3_server, timeout=120)
     assert rc == 2 and "error: checkpoint not found: s3://models/runs/nope.pt" in log and "Traceback" not in log, log
+
+
+def test_training_data_directory_on_s3_reads_like_the_local_one(s3_server, synth30, tmp_path, monkeypatch):
+    """jobs.train --data s3://...: the driver fetches annotations.json and coarse.json (cached), the
+    workers read the images through the same S3 filesystem as refinement."""
+    from pipeline.training_data import MatchAndExtract, instance_table
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    s3 = _client(s3_server)
+    s3.create_bucket(Bucket="train")
+    for p in sorted(synth30.rglob("*")):
+        if p.is_file():
+            s3.upload_file(str(p), "train", f"set/{p.relative_to(synth30).as_posix()}")
+    local = instance_table(str(synth30 / "images"), str(synth30 / "coarse.json"), str(synth30 / "annotations.json"))
+    remote = instance_table("s3://train/set/images", "s3://train/set/coarse.json", "s3://train/set/annotations.json")
+    assert remote.num_rows == local.num_rows > 0 and remote.to_pylist() == local.to_pylist()
+    from bpr_core import BPRConfig
+
+    batch = {k: __import__("numpy").asarray(v, dtype=object) for k, v in local.slice(0, 4).to_pydict().items()}
+    a = MatchAndExtract(str(synth30 / "images"), BPRConfig().to_dict(), 0.15, 0.5)(batch)
+    b = MatchAndExtract("s3://train/set/images", BPRConfig().to_dict(), 0.15, 0.5)(batch)
+    assert len(a["img"]) > 0 and (a["img"] == b["img"]).all() and (a["gt"] == b["gt"]).all()
