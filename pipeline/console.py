@@ -5,14 +5,13 @@ Ray writes to the driver's stderr from Python loggers (INFO lines per dataset, a
 dataset "will hang" while our actor pools hold the CPUs on purpose, a note that progress bars are
 off) and from its C++ core worker (an ERROR-level line for every Ray Data actor pool, "has
 constructor arguments in the object store and max_restarts > 0": ray-project/ray#57733, harmless
-here). `quiet_ray()` lowers Ray's Python loggers to WARNING and drops exactly those known lines
-at the file-descriptor level, where the C++ line is written; anything else passes through.
+here). `quiet_ray()` drops Ray's INFO lines and exactly those known lines at the file-descriptor
+level, where the C++ line is written; anything else passes through.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import threading
@@ -25,7 +24,6 @@ KNOWN_HARMLESS = (
     b"Progress bars disabled. To enable",
     b"registers for logging while another dataset",
 )
-RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
 # Ray's own console format for INFO records ("<date> <time>\tINFO file.py:N -- message"); Ray
 # re-applies its logging config at init and at each dataset's start, so levels set beforehand do
 # not hold, and these are dropped by format instead (ours use a space, not a tab, before INFO).
@@ -80,15 +78,8 @@ def quiet_ray(verbose: bool = False):
     if verbose:
         yield
         return
-    levels = {name: logging.getLogger(name).level for name in RAY_LOGGERS}
-    for name in RAY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        with _FdFilter(KNOWN_HARMLESS):
-            yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+    with _FdFilter(KNOWN_HARMLESS):
+        yield
 
 
 def _duration(seconds: float) -> str:

@@ -118,19 +118,12 @@ def _progress(msg: str) -> None:
 
 
 def _load_index(loc: storage.Location) -> ImageIndex:
-    """The image index, read through the filesystem (a temporary copy for object stores)."""
-    if not loc.is_s3:
-        return read_image_index(loc.path)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        tmp = os.path.join(d, os.path.basename(loc.path))
-        with open(tmp, "wb") as f:
-            f.write(storage.read_bytes(loc))
-        try:
-            return read_image_index(tmp)
-        except InputError as e:  # name the user's input, not the temporary copy
-            raise InputError(str(e).replace(tmp, loc.uri)) from None
+    """The image index, read through the filesystem (object stores: a cached local copy)."""
+    local = storage.local_file(loc.uri, what="image index")
+    try:
+        return read_image_index(local)
+    except InputError as e:  # name the user's input, not the local copy
+        raise InputError(str(e).replace(str(local), loc.uri)) from None
 
 
 def check_inputs(opts: RefineOptions) -> None:

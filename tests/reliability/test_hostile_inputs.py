@@ -25,19 +25,7 @@ from bpr_core import rle
 from bpr_core.formats import InputError
 from jobs import refine
 
-H, W = 96, 128
-BOX = (20, 20, 80, 70)
-
-
-def _mask(h=H, w=W, box=BOX):
-    m = np.zeros((h, w), bool)
-    x0, y0, x1, y1 = box
-    m[y0:y1, x0:x1] = True
-    return m
-
-
-def _img(h=H, w=W, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+from .test_bad_inputs import H, W, _img, _mask
 
 
 def _det(image_id, m=None, **extra):
