@@ -4,7 +4,6 @@ cluster is stopped by killing exactly the processes of that temp dir."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ import pytest
 from bpr_core.synthetic import write_dataset
 
 from ..pipeline.conftest import kill_temp_dir_processes
+from .ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +25,10 @@ def cluster(tmp_path_factory):
     temp = f"/tmp/bprt-js-{os.getpid()}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, listen, grpc, runtime_env, metrics = free_ports(6)
     # Every port explicit: another Ray on the same machine must not make this one half-start.
-    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    ports = [f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
+             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"]
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
                     f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}", "--disable-usage-stats", *ports], env=env, check=True, capture_output=True,

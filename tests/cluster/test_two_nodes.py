@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ import pytest
 from bpr_core.synthetic import write_dataset
 
 from ..pipeline.conftest import run_job
+from .ports import free_ports
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kill_tree(marker: str) -> None:
@@ -82,15 +76,16 @@ def two_nodes(tmp_path_factory):
               "AWS_SECRET_ACCESS_KEY": "bprTestSecret", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **s3_env})
-    gcs = _port()
-    agents = lambda: [f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",  # noqa: E731
-                      f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}"]
+    # Both nodes' ports picked at once, so no two of them can coincide.
+    gcs, *p = free_ports(12)
+    agents = lambda: [f"--dashboard-agent-listen-port={p.pop()}", f"--dashboard-agent-grpc-port={p.pop()}",  # noqa: E731
+                      f"--runtime-env-agent-port={p.pop()}", f"--metrics-export-port={p.pop()}"]
     try:
         subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
                         f"--temp-dir={temp}/ray", "--include-dashboard=false", "--disable-usage-stats", *agents()],
                        env=env, check=True, capture_output=True, timeout=120)
         worker = [RAY, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                  f"--node-manager-port={_port()}", f"--object-manager-port={_port()}", f"--min-worker-port={_port()}",
+                  f"--node-manager-port={p.pop()}", f"--object-manager-port={p.pop()}", f"--min-worker-port={p.pop()}",
                   "--max-worker-port=0", "--disable-usage-stats", *agents()]
         script = f"mount -t tmpfs tmpfs {hidden} && exec " + " ".join(worker)
         subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=env, check=True,
