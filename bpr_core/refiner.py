@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .config import BPRConfig
 from .model import RefineNet, build_model
 from .preprocess import normalise, to_network_inputs
-from .patches import crop_patches, probability_map, propose_patches, reassemble, skip_reason
+from . import flow
+from .patches import probability_map
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
 CHECKPOINT_FORMAT = "bpr-checkpoint/1"
@@ -134,6 +135,27 @@ class NetworkPatchRefiner:
             s = self.config.crop_size
             return np.zeros((0, s, s), dtype=np.float32)
         return self.predict_tensor(image_patches, mask_patches).cpu().numpy()
+
+    @torch.inference_mode()
+    def predict_u8(self, image_patches: np.ndarray, mask_patches: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """All patches in batches of `batch_size` -> (K, S, S) uint8 probabilities (0..255), equal
+        bit for bit to quantising `predict` (bpr_core.flow.quantise). On CUDA the inputs go over as
+        uint8 from pinned host memory with non-blocking copies, the quantisation runs on the device,
+        the uint8 results come back into pinned memory without blocking, and the host waits once per
+        call, not once per batch, so the copies overlap the next batch's kernels."""
+        s, k = self.config.crop_size, len(image_patches)
+        img = torch.from_numpy(np.ascontiguousarray(image_patches, dtype=np.uint8))
+        msk = torch.from_numpy(np.ascontiguousarray(mask_patches, dtype=np.uint8))
+        cuda = self.device.type == "cuda"
+        if cuda:
+            img, msk = img.pin_memory(), msk.pin_memory()
+        out = torch.empty((k, s, s), dtype=torch.uint8, pin_memory=cuda)
+        for i in range(0, k, batch_size):
+            p = self.predict_tensor(img[i : i + batch_size], msk[i : i + batch_size])
+            out[i : i + batch_size].copy_(p.mul(255.0).round_().clamp_(0, 255).to(torch.uint8), non_blocking=cuda)
+        if cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        return out.numpy()
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -356,7 +378,9 @@ class Refiner:
     `threads` caps torch/OpenCV threads during a call (1 is fastest beside other work).
     `return_probs=True` also returns NxHxW float32 foreground probabilities: the network's mean
     over the patches covering a pixel, the coarse mask (0/1) elsewhere; the boolean masks are the
-    decision after the do-no-harm rules.
+    decision after the do-no-harm rules. Patch probabilities are held as uint8 (steps of 1/255)
+    between the network and pasting, as in `jobs.refine`, so both give the same masks bit for bit
+    (the per-instance flow is `bpr_core.flow`).
     """
 
     def __init__(self, checkpoint: str | Path | None = None, config: BPRConfig | dict | None = None, device: str = "auto",
@@ -388,55 +412,34 @@ class Refiner:
     def _prepare(self, image, masks) -> dict:
         image, _ = as_image(image)
         masks, device = as_masks(masks, image.shape[:2])
-        cfg = self.config
-        per_inst_boxes, infos, img_p, msk_p = [], [], [], []
-        for m in masks:
-            boxes = np.zeros((0, 4), dtype=np.int64)
-            reason = skip_reason(int(m.sum()), cfg)
-            if not reason:
-                boxes = propose_patches(m, cfg)
-                reason = "refined" if len(boxes) else "no_boundary"
-            per_inst_boxes.append(boxes)
-            infos.append(InstanceInfo(len(boxes), reason))
-            if len(boxes):
-                img_p.append(crop_patches(image, boxes, cfg))
-                msk_p.append(crop_patches(m.view(np.uint8), boxes, cfg))
-        return {"masks": masks, "device": device, "boxes": per_inst_boxes, "infos": infos, "img": img_p, "msk": msk_p}
+        batch = flow.extract(image, masks, self.config)  # the one per-instance flow (bpr_core.flow)
+        infos = [InstanceInfo(int(k), "refined" if st == flow.REFINED else why)
+                 for st, why, k in zip(batch.status, batch.reason, batch.counts())]
+        return {"masks": masks, "device": device, "batch": batch, "infos": infos}
 
     def _predict(self, jobs: list[dict]) -> None:
         """One pass of the network over every job's patches, in batches that cross images."""
-        img = [p for job in jobs for p in job["img"]]
-        if not img:
-            for job in jobs:
-                job["probs"] = np.zeros((0, self.config.crop_size, self.config.crop_size), np.float32)
-            return
-        img_all = np.concatenate(img)
-        msk_all = np.concatenate([p for job in jobs for p in job["msk"]])
-        probs = np.concatenate([
-            self.patch_refiner.predict(img_all[i : i + self.batch_size], msk_all[i : i + self.batch_size])
-            for i in range(0, len(img_all), self.batch_size)
-        ])
+        merged = flow.PatchBatch.concat([job["batch"] for job in jobs], self.config.crop_size)
+        probs = flow.predict_u8(self.patch_refiner, merged.img, merged.msk, self.batch_size)
         start = 0
         for job in jobs:
-            k = sum(len(b) for b in job["boxes"])
-            job["probs"] = probs[start : start + k]
+            k = job["batch"].num_patches
+            job["batch"].probs = probs[start : start + k]
             start += k
 
     def _finish(self, job: dict, return_info: bool, return_probs: bool):
-        cfg, masks, infos = self.config, job["masks"], job["infos"]
+        cfg, masks, infos, batch = self.config, job["masks"], job["infos"], job["batch"]
         out = masks.copy()
         soft = masks.astype(np.float32) if return_probs else None
-        start = 0
-        for n, boxes in enumerate(job["boxes"]):
-            k = len(boxes)
-            if k:
-                p = job["probs"][start : start + k]
-                out[n], rejected = reassemble(masks[n], boxes, p, cfg)
+        for n in range(len(masks)):
+            span = batch.span(n)
+            if span.stop > span.start:
+                boxes, p = batch.boxes[span], batch.probs[span]
+                out[n], rejected = flow.finish_instance(masks[n], boxes, p, cfg)
                 if rejected:
                     infos[n].reason = rejected
                 if return_probs:
                     soft[n] = probability_map(masks[n], boxes, p, cfg)
-                start += k
         result = [_like(out, job["device"])]
         if return_info:
             result.append(infos)

@@ -6,9 +6,10 @@ On the same synthetic images and the same (shipped) model, batch size and thread
 actor: (1) the bare network on pre-made uint8 batches, (2) `jobs.refine` end to end on a local Ray
 (reading to written outputs), (3) the official tools' flow (patch PNGs + detail files, inference
 over the files into one pickle, a merge pass), (4) peak RSS of the whole process tree at N and 4N
-images (both in shards of N/2 images, so both hold two shards in flight), (5) 4N with the job's
-defaults and N with 2 refinement actors (full run only). Prints a table and the three ratios
-against their targets, and writes everything to --out. --quick: N = 16 (under 3 minutes here).
+images (both committed in shards of N/2 images), (5) 4N with the job's defaults, and N with 2
+refinement actors (full run only), (6) the driver's CPU and memory per instance at 0.5M and 2M
+instances, projected to 20M (bench.driver). Prints a table and the ratios against their targets,
+and writes everything to --out. --quick: N = 16 and a small driver run (a few minutes here).
 
 Also measured: the algorithm's serial work (extract, network, paste in one thread, no framework),
 which spread over the machine's cores bounds what any flow could reach there; and, where the
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="patches per network batch, all runs (default 64)")
     ap.add_argument("--work", help="working directory for data and outputs (default: a temporary one)")
     args = ap.parse_args(argv)
-    from pipeline.benchmark import benchmark
+    from bench.benchmark import benchmark
 
     n = args.images or (16 if args.quick else 400)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bpr-bench-"))
@@ -51,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.untrained:
         if checkpoint:
             ap.error("--untrained and --checkpoint exclude each other")
-        from pipeline.benchmark import untrained_checkpoint
+        from bench.benchmark import untrained_checkpoint
 
         checkpoint = untrained_checkpoint(work, args.untrained)
     res = benchmark(work, n, checkpoint, args.batch_size, quick=args.quick)
     res["machine"].update(platform=platform.platform(), processor=platform.processor() or platform.machine())
     stats = res["end_to_end"].pop("stage_stats", "")
-    for k in ("memory_n", "memory_4n", "end_to_end_4n", "end_to_end_2_actors"):
+    for k in ("memory_n", "memory_4n", "end_to_end_4n", "end_to_end_2_actors", "end_to_end_1_actor"):
         if k in res:
             res[k].pop("stage_stats", None)
     res["end_to_end_stage_stats"] = str(stats)
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     half = max(1, n // 2)
     for key, label in (("end_to_end", f"end to end, N={n}"), ("end_to_end_4n", f"end to end, 4N={4 * n}"),
                        ("end_to_end_2_actors", "end to end, N, 2 refine actors"),
+                       ("end_to_end_1_actor", "end to end, N, 1 refine actor"),
                        ("memory_n", f"memory: N, shards of {half}"), ("memory_4n", f"memory: 4N, shards of {half}")):
         if key in res:
             r = res[key]
@@ -78,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         t = res["targets"][k]
         ok = v <= t if k.startswith("peak") else v >= t
         print(f"{k:30} {v:6.2f}  target {'<=' if k.startswith('peak') else '>='} {t}  {'met' if ok else 'NOT met'}")
-    if "end_to_end_4n_over_bare_model" in res:
-        print(f"{'(end to end at 4N / bare model':30} {res['end_to_end_4n_over_bare_model']:6.2f}  for scale, no target)")
+    print(f"{'(end to end at 4N / bare model':30} {res['end_to_end_4n_over_bare_model']:6.2f}  for scale, no target)")
+    drv = res["driver"]["points"][-1]
+    t = res["targets"]["driver_cpu_us_per_instance"]
+    print(f"{'driver CPU us per instance':30} {drv['cpu_us_per_instance']:6.2f}  target <= {t}  "
+          f"{'met' if drv['cpu_us_per_instance'] <= t else 'NOT met'}  (at {drv['instances']:,} instances; "
+          f"20M projected: {res['driver']['projection_20m']['cpu_minutes']} CPU-minutes, "
+          f"{res['driver']['projection_20m']['peak_rss_gb']} GB peak RSS)")
     w, bd = res["serial_work"], res["bounds"]
     print(f"\nserial work (1 thread, no framework): extract {w['extract_s']:.1f} s + network {w['network_s']:.1f} s + paste "
           f"{w['paste_s']:.1f} s = {w['total_s']:.1f} s; over {bd['cores']} cores at best {bd['floor_s']:.1f} s "

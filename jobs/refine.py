@@ -106,15 +106,23 @@ def build_parser(prog: str | None = None, doc: str = __doc__, coarse: bool = Tru
     r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
     r.add_argument("--shard-size", type=POSITIVE, default=1000, help="images per shard, the unit of resume and commit (default 1000)")
     r.add_argument("--batch-size", type=POSITIVE, default=64, help="patches per network batch (default 64)")
-    r.add_argument("--refine-actors", type=POSITIVE, default=1, help="refinement actors (default 1)")
-    r.add_argument("--extract-actors", type=POSITIVE, default=1, help="patch-extraction actors (default 1)")
+    r.add_argument("--refine-actors", type=NON_NEGATIVE, default=0,
+                   help="refinement actors (default 0: one per GPU the cluster has or its autoscaler can add, an "
+                        "autoscaling pool; on CPUs one single-threaded actor per CPU)")
+    r.add_argument("--extract-actors", type=NON_NEGATIVE, default=0,
+                   help="most patch-extraction actors, an autoscaling pool from 1 (default 0: as many as the cluster's CPUs "
+                        "hold beside the refinement actors)")
     r.add_argument("--refine-cpus", type=_number(float, lo=0.0, lo_open=True), default=0.5,
                    help="logical CPUs reserved per refinement actor; its torch threads are max(1, int(this)) (default 0.5)")
-    r.add_argument("--shards-in-flight", type=POSITIVE, default=2,
-                   help="shards processed at once, committed in order (default 2: one streams through the network "
-                        "while the previous one is reassembled and written)")
-    r.add_argument("--reassemble-partitions", type=POSITIVE, default=1, help="groupby partitions per shard (default 1)")
-    r.add_argument("--device", default="auto", help="auto (GPU actors if the cluster has GPUs), cpu or cuda")
+    r.add_argument("--images-per-block", type=POSITIVE, default=8, help="whole images per input block (default 8)")
+    r.add_argument("--instances-per-call", type=POSITIVE, default=64,
+                   help="instances per refinement actor call; their patches share network batches (default 64)")
+    r.add_argument("--instances-per-part", type=POSITIVE, default=512,
+                   help="instances per written Parquet part, at most (default 512)")
+    r.add_argument("--object-store-mb", type=NON_NEGATIVE, default=0, metavar="MB",
+                   help="object store the flow may hold at once (default 0: 256 MB per refinement actor, at least 512)")
+    r.add_argument("--device", default="auto",
+                   help="auto (GPU actors if the cluster has GPUs, or its autoscaler can add GPU nodes), cpu or cuda")
     r.add_argument("--num-cpus", type=POSITIVE, help="CPUs for a private local Ray (default: all)")
     r.add_argument("--max-unreadable-share", type=UNIT, default=0.25, metavar="F",
                    help="fail the job (exit 1) when more than this share of a shard's images cannot be read, and at least 3 "
@@ -122,9 +130,9 @@ def build_parser(prog: str | None = None, doc: str = __doc__, coarse: bool = Tru
                         "quarantined, passed through with their coarse masks, and retried by the next run (exit 3)")
     r.add_argument("--verbose", action="store_true",
                    help="show Ray's own log lines (hidden: its INFO lines and a few known-harmless warnings) and "
-                        "the last shard's Ray Data stage stats")
+                        "the Ray Data stage stats")
     r.add_argument("--progress-interval", type=_number(float, lo=0.0), default=30.0, metavar="S",
-                   help="print a progress line at least every S seconds while shards run (default 30; 0: at commits only)")
+                   help="print a progress line at least every S seconds while the flow runs (default 30; 0: at commits only)")
     return ap
 
 
@@ -169,8 +177,9 @@ def options_from_args(args):
                          out=args.out, method=choose_refiner(args), checkpoint=args.checkpoint, config=cfg,
                          shard_size=args.shard_size, batch_size=args.batch_size, refine_actors=args.refine_actors,
                          extract_actors=args.extract_actors, refine_cpus=args.refine_cpus, device=args.device,
-                         reassemble_partitions=args.reassemble_partitions,
-                         shards_in_flight=args.shards_in_flight, visualize=args.visualize, visualize_ids=args.visualize_ids, exif=args.exif,
+                         images_per_block=args.images_per_block, instances_per_call=args.instances_per_call,
+                         instances_per_part=args.instances_per_part, object_store_mb=args.object_store_mb,
+                         visualize=args.visualize, visualize_ids=args.visualize_ids, exif=args.exif,
                          max_image_pixels=args.max_image_pixels, allow_absolute_paths=args.allow_absolute_paths,
                          progress_interval=args.progress_interval, max_unreadable_share=args.max_unreadable_share,
                          fail_on_batch=int(os.environ["BPR_FAIL_ON_BATCH"]) if os.environ.get("BPR_FAIL_ON_BATCH") else None)
@@ -228,10 +237,12 @@ def report(manifest: dict, stats: str = "") -> int:
     """The closing lines; the last one says how many instances were quarantined and why."""
     c = manifest["counts"]
     if stats:
-        print("\nlast shard's stage stats (ray.data):\n" + "\n".join(l for l in str(stats).splitlines() if l.startswith(("Operator", "*", "Dataset"))))
+        print("\nstage stats (ray.data, the one flow of this run):\n" + "\n".join(l for l in str(stats).splitlines() if l.startswith(("Operator", "*", "Dataset"))))
     print(f"\nrefined {c.get('refined', 0)}, passed through {c.get('passed_through', 0)}, quarantined "
           f"{c.get('quarantined', 0)} of {c['input']} instances in {manifest['timings']['total_seconds']:.1f} s "
-          f"({manifest['timings']['shards_run']} shards run, {manifest['timings']['shards_skipped']} already done)")
+          f"({manifest['timings']['shards_run']} shards run, {manifest['timings']['shards_skipped']} already done; "
+          + ", ".join(f"{n} {stage} actor{'s' if n != 1 else ''}" for stage, n in manifest["timings"].get("actors", {}).items())
+          + " for the whole run)")
     print(f"outputs: {manifest['outputs']['refined_json']} ({c.get('in_refined_json', 0)} detections; manifest.json, parts/, "
           "quarantine.parquet beside it)")
     if not manifest["invariant"]["ok"]:

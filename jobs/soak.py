@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refiner", default="network", choices=["network", "guided-filter", "identity"])
     args = ap.parse_args(argv)
     from bpr_core.synthetic import write_dataset
-    from pipeline.procmem import PeakRSS
+    from bench.procmem import PeakRSS
     from pipeline.refine_job import RefineOptions, run
     from pipeline.runtime import init_ray
 

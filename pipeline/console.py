@@ -112,15 +112,19 @@ class Progress:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def add(self, images: int, instances: int, patches: int, already_done: bool = False, note: str = "") -> None:
+    def add(self, images: int, instances: int, patches: int, already_done: bool = False, note: str = "",
+            emit: bool = True) -> None:
+        """Count work done; emit=False counts it for the next line without writing one."""
         with self._lock:
             self.images += images
             self.instances += instances
             self.patches += patches
             if already_done:
                 self.skipped_images += images
-            self.note = note
-        self.emit()
+            if note:
+                self.note = note
+        if emit:
+            self.emit()
 
     def rate(self) -> float:
         """Images per second over the work done in this run."""

@@ -1,32 +1,39 @@
-"""The Ray Data stages of the refinement pipeline, each a thin wrapper around bpr_core.
+"""The Ray Data stages of the refinement pipeline, each a thin wrapper around `bpr_core.flow`.
 
-    instance rows --ExtractPatches (CPU actors)--> patch rows --RefinePatches (GPU/CPU actors)-->
-    probability rows --groupby(image_id, instance_id) + reassemble--> one refined row per instance
+    instance rows (blocks of whole images) --ExtractPatches (CPU actors)--> one row per instance with
+    its patches --RefinePatches (GPU/CPU actors)--> + uint8 probabilities --WriteParts (the grouping
+    stage: CPU actors)--> refined rows written as Parquet parts by the workers; small receipts to
+    the driver
 
-Every instance yields at least one row through the flow: instances without patches (empty, too
-small, no boundary, unreadable image, bad RLE) travel as a single row with has_patch=False and come
-out of reassembly passed through or quarantined, with the reason. Only what pasting needs (coarse
-RLE, boxes, uint8 probabilities) goes through the shuffle, never images.
+No shuffle: an instance's patches travel in its own row (boxes, image and mask patches, then
+probabilities as flat uint8 buffers), so the grouping stage receives every instance already grouped
+and reassembly is a map. Every input row comes out exactly once, refined, passed through or
+quarantined with the reason. Each stage is callable on one numpy batch without Ray
+(tests/pipeline/test_stages.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 
 import cv2
 import numpy as np
 
-from bpr_core import BPRConfig, crop_patches, propose_patches, reassemble, skip_reason
+from bpr_core import BPRConfig
+from bpr_core import flow
 from bpr_core import rle as rle_utils
 from bpr_core.imageio import DEFAULT_MAX_PIXELS, ImageHeader, ImageRejected, decode_image, read_header, size_mismatch_reason
 
 from .storage import PathRejected, confine, read_bytes, resolve
 
-__all__ = ["ImageReader", "ExtractPatches", "RefinePatches", "reassemble_image", "decode_image"]
+__all__ = ["ImageReader", "ExtractPatches", "RefinePatches", "WriteParts", "decode_image"]
 
-# Columns carried by every row from extraction to reassembly.
+# Columns carried by every row from extraction to the grouping stage.
 META = ("image_id", "instance_id", "category_id", "score", "rle_counts", "rle_h", "rle_w", "source_file", "position",
-        "detector_fields")
+        "detector_fields", "shard")
 
 
 READ_FAILED = " unreadable: "  # marks a reason as a read failure (retried by the next run), see is_read_failure
@@ -90,90 +97,111 @@ class ImageUnusable(ValueError):
     """Why an image cannot be used (its instances are quarantined with this reason)."""
 
 
+def _column(rows: list, dtype=None) -> np.ndarray:
+    """A numpy column from a list, one element per row (bytes stay an object array of bytes)."""
+    if dtype is None:
+        arr = np.empty(len(rows), dtype=object)
+        arr[:] = rows
+        return arr
+    return np.asarray(rows, dtype=dtype)
+
+
+PATCH_COLUMNS = ("status", "reason", "num_patches", "boxes", "img", "msk")
+
+
+def actor_id(stage: str) -> str:
+    """A name for one actor process (stage, host, pid, start time): the receipts carry it, so the
+    manifest shows how many actors served the job (a restarted one counts again)."""
+    import socket
+    import time
+
+    return f"{stage}:{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+
+
 class ExtractPatches:
-    """Instance rows (with file_name) -> patch rows. One image read per image in the batch."""
+    """Instance rows -> one row per instance with its patches (flat uint8/int32 buffers).
+
+    A block holds whole images (the driver never splits one), so the per-image checks happen here,
+    not on the driver: each image is read once, and an instance_id repeated within an image and
+    source file is quarantined (the first by input position is kept)."""
 
     def __init__(self, images_uri: str, config: dict, exif: str = "stored", max_pixels: int = DEFAULT_MAX_PIXELS,
                  allow_absolute: bool = False):
         self.reader = ImageReader(images_uri, exif, max_pixels, allow_absolute)
         self.cfg = BPRConfig.from_dict(config)
+        self.actor = actor_id("extract")
         cv2.setNumThreads(1)
 
-    def __call__(self, batch: dict) -> dict:
-        cfg = self.cfg
-        s = cfg.crop_size
-        out: dict[str, list] = {k: [] for k in META + ("status", "reason", "has_patch", "box", "img", "msk")}
-        zero_img, zero_msk = np.zeros((s, s, 3), np.uint8), np.zeros((s, s), np.uint8)
-
-        def emit(i, status, reason, boxes=None, img_p=None, msk_p=None):
-            k = 1 if boxes is None else len(boxes)
-            for key in META:
-                out[key].extend([batch[key][i]] * k)
-            out["status"].extend([status] * k)
-            out["reason"].extend([reason] * k)
-            out["has_patch"].extend([boxes is not None] * k)
-            if boxes is None:
-                out["box"].append(np.zeros(4, np.int32))
-                out["img"].append(zero_img)
-                out["msk"].append(zero_msk)
-            else:
-                out["box"].extend(boxes.astype(np.int32))
-                out["img"].extend(img_p)
-                out["msk"].extend(msk_p)
-
-        order = np.argsort(batch["image_id"], kind="stable")
-        image, image_key, image_err = None, None, None
-        for i in order:
-            key = (batch["image_id"][i], batch["file_name"][i])
-            if key != image_key:
-                image_key, image, image_err = key, None, None
-                try:
-                    image, header, where = self.reader.read(str(key[1]))
-                except ImageUnusable as e:  # outside the root, missing, too large, corrupt: quarantine its instances
-                    image_err = str(e)
-            if image_err is not None:
-                emit(i, "quarantined", image_err)
+    def _image(self, batch: dict, idx: list[int]) -> tuple[flow.PatchBatch, list[int]]:
+        """One image's instances (row indices) -> their PatchBatch, in input order."""
+        image_id, file_name = int(batch["image_id"][idx[0]]), str(batch["file_name"][idx[0]])
+        preset: list[tuple[str, str] | None] = [None] * len(idx)
+        masks: list[np.ndarray | None] = [None] * len(idx)
+        seen: set = set()
+        for n, i in enumerate(idx):
+            key = (str(batch["source_file"][i]), int(batch["instance_id"][i]))
+            if key in seen:
+                preset[n] = (flow.QUARANTINED, f"duplicate instance_id {key[1]} for image_id {image_id} in {key[0]}")
+            seen.add(key)
+        image = None
+        try:
+            image, header, where = self.reader.read(file_name)
+        except ImageUnusable as e:  # outside the root, missing, too large, corrupt: quarantine its instances
+            preset = [p or (flow.QUARANTINED, str(e)) for p in preset]
+        for n, i in enumerate(idx):
+            if preset[n] is not None:
                 continue
             h, w = int(batch["rle_h"][i]), int(batch["rle_w"][i])
             if image.shape[:2] != (h, w):
-                emit(i, "quarantined", size_mismatch_reason(where, image.shape[:2], (h, w), header, self.reader.exif))
+                preset[n] = (flow.QUARANTINED, size_mismatch_reason(where, image.shape[:2], (h, w), header, self.reader.exif))
                 continue
             try:
-                mask = rle_utils.decode({"size": [h, w], "counts": batch["rle_counts"][i]})
+                masks[n] = rle_utils.decode({"size": [h, w], "counts": batch["rle_counts"][i]})
             except Exception as e:
-                emit(i, "quarantined", f"invalid RLE for image_id {batch['image_id'][i]} instance {batch['instance_id'][i]}: {e}")
-                continue
-            skip = skip_reason(int(mask.sum()), cfg)
-            if skip:
-                emit(i, "passed_through", skip)
-                continue
-            boxes = propose_patches(mask, cfg)
-            if len(boxes) == 0:
-                emit(i, "passed_through", "no_boundary")
-                continue
-            emit(i, "refined", "", boxes, crop_patches(image, boxes, cfg), crop_patches(mask.view(np.uint8), boxes, cfg))
-        if not out["box"]:
-            return _empty_patch_batch(s)
-        result = {k: np.asarray(v) for k, v in out.items() if k not in ("box", "img", "msk")}
-        result["box"] = np.stack(out["box"])
-        result["img"] = np.stack(out["img"])
-        result["msk"] = np.stack(out["msk"])
-        return result
+                preset[n] = (flow.QUARANTINED, f"invalid RLE for image_id {image_id} instance {batch['instance_id'][i]}: {e}")
+        return flow.extract(image, masks, self.cfg, preset), idx
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["image_id"])
+        # Rows of one image, in (source_file, position) order so the first of duplicates is kept.
+        order = sorted(range(n), key=lambda i: (int(batch["image_id"][i]), str(batch["source_file"][i]), int(batch["position"][i])))
+        images: dict[int, list[int]] = {}
+        for i in order:
+            images.setdefault(int(batch["image_id"][i]), []).append(i)
+        rows, cols = [], {k: [] for k in PATCH_COLUMNS}
+        for idx in images.values():
+            pb, idx = self._image(batch, idx)
+            for j, i in enumerate(idx):
+                span = pb.span(j)
+                rows.append(i)
+                cols["status"].append(pb.status[j])
+                cols["reason"].append(pb.reason[j])
+                cols["num_patches"].append(span.stop - span.start)
+                cols["boxes"].append(pb.boxes[span].astype(np.int32).tobytes())
+                cols["img"].append(pb.img[span].tobytes())
+                cols["msk"].append(pb.msk[span].tobytes())
+        out = {k: np.asarray(batch[k])[rows] for k in META}
+        out.update(status=_column(cols["status"]), reason=_column(cols["reason"]),
+                   num_patches=_column(cols["num_patches"], np.int64), boxes=_column(cols["boxes"]),
+                   img=_column(cols["img"]), msk=_column(cols["msk"]), extract_actor=_column([self.actor] * len(rows)))
+        return out
 
 
-def _empty_patch_batch(s: int) -> dict:
-    d = {k: np.zeros(0, dtype=np.int64) for k in ("image_id", "instance_id", "category_id", "rle_h", "rle_w", "position")}
-    d.update({k: np.zeros(0, dtype=object) for k in ("rle_counts", "source_file", "detector_fields", "status", "reason")})
-    d["score"] = np.zeros(0)
-    d["has_patch"] = np.zeros(0, bool)
-    d["box"] = np.zeros((0, 4), np.int32)
-    d["img"] = np.zeros((0, s, s, 3), np.uint8)
-    d["msk"] = np.zeros((0, s, s), np.uint8)
-    return d
+def _patches(batch: dict, name: str, shape: tuple, dtype=np.uint8) -> np.ndarray:
+    """The flat buffers of a column, concatenated into one writable array -> (K, *shape)."""
+    bufs = batch[name]
+    out = np.empty(sum(len(b) for b in bufs), np.uint8)
+    at = 0
+    for b in bufs:
+        out[at : at + len(b)] = np.frombuffer(b, np.uint8)
+        at += len(b)
+    return out.view(dtype).reshape(-1, *shape)
 
 
 class RefinePatches:
-    """Patch rows -> probability rows (uint8, 0..255). The model is loaded once per actor."""
+    """Instance rows with patches -> the same rows with uint8 probabilities (0..255) instead of the
+    image and mask patches. The model is loaded once per actor; the patches of every row in the
+    batch share network batches of `net_batch`."""
 
     def __init__(self, method: str, checkpoint: str | None, device: str, config: dict, threads: int = 1,
                  fail_on_batch: int | None = None, net_batch: int = 64):
@@ -187,6 +215,7 @@ class RefinePatches:
         self.refiner, self.cfg, _ = make_patch_refiner(method, local_file(checkpoint), device, BPRConfig.from_dict(config))
         self.calls = 0
         self.net_batch = net_batch
+        self.actor = actor_id("refine")
         # Fault injection for the reliability tests only: the actor process dies on its k-th batch
         # (once per run, marked by a file) and Ray must restart it and retry the batch.
         self.fail_on_batch = fail_on_batch
@@ -198,57 +227,97 @@ class RefinePatches:
             if marker and not os.path.exists(marker):
                 open(marker, "w").close()
                 os._exit(1)
-        has = np.asarray(batch["has_patch"], dtype=bool)
         s = self.cfg.crop_size
-        probs = np.zeros((len(has), s, s), np.uint8)
-        if has.any():
-            # A block may hold several network batches (fewer, larger blocks for the shuffle);
-            # the network always sees net_batch patches at a time.
-            img, msk = batch["img"][has], batch["msk"][has]
-            p = np.concatenate([self.refiner.predict(img[i : i + self.net_batch], msk[i : i + self.net_batch])
-                                for i in range(0, len(img), self.net_batch)])
-            probs[has] = np.clip(np.rint(p * 255.0), 0, 255).astype(np.uint8)
+        img, msk = _patches(batch, "img", (s, s, 3)), _patches(batch, "msk", (s, s))
+        probs = flow.predict_u8(self.refiner, img, msk, self.net_batch)
+        ends = np.cumsum(np.asarray(batch["num_patches"], np.int64))
+        starts = ends - np.asarray(batch["num_patches"], np.int64)
         out = {k: v for k, v in batch.items() if k not in ("img", "msk")}
-        out["prob"] = probs
+        out["prob"] = _column([probs[a:b].tobytes() for a, b in zip(starts, ends)])
+        out["refine_actor"] = _column([self.actor] * len(starts))
         return out
 
 
-def reassemble_image(group: dict, config: dict, model_name: str, model_version: str, config_hash: str) -> dict:
-    """All probability rows of one image -> one output row per instance (refined, passed through
-    or quarantined). The groupby key is the image, not the instance: measured on 2 cores, Ray
-    Data's per-group cost in map_groups was several times the paste itself, and an image holds
-    ~4 instances on average (more on COCO)."""
-    cfg = BPRConfig.from_dict(config)
-    # An instance is (source file, instance_id): files of a multi-file input may each number from 0.
-    members: dict[tuple, list[int]] = {}
-    for j, key in enumerate(zip(group["instance_id"], group["source_file"])):
-        members.setdefault((int(key[0]), str(key[1])), []).append(j)
-    rows = []
-    for key in sorted(members):
-        idx = np.asarray(members[key])
-        rows.append(reassemble_instance({k: v[idx] for k, v in group.items()}, cfg, model_name, model_version, config_hash))
-    return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+def _plain(v):
+    """numpy scalars -> Python values (what pyarrow's from_pylist takes)."""
+    return v.item() if isinstance(v, np.generic) else v
 
 
-def reassemble_instance(group: dict, cfg: BPRConfig, model_name: str, model_version: str, config_hash: str) -> dict:
-    """All probability rows of one instance -> its one output row."""
-    first = {k: group[k][0] for k in META}
-    status, reason = str(group["status"][0]), str(group["reason"][0])
-    h, w = int(first["rle_h"]), int(first["rle_w"])
-    coarse_rle = {"size": [h, w], "counts": first["rle_counts"]}
-    has = np.asarray(group["has_patch"], dtype=bool)
-    counts, coarse_area, refined_area, npatch = first["rle_counts"], -1, -1, int(has.sum())
-    if status != "quarantined":
-        coarse = rle_utils.decode(coarse_rle)
+def finish_row(row: dict, cfg: BPRConfig, provenance: dict) -> dict:
+    """One instance row with its probabilities -> its output row (REFINED_SCHEMA)."""
+    status, reason = str(row["status"]), str(row["reason"])
+    h, w = int(row["rle_h"]), int(row["rle_w"])
+    counts, coarse_area, refined_area, npatch = row["rle_counts"], -1, -1, int(row["num_patches"])
+    if status != flow.QUARANTINED:
+        coarse = rle_utils.decode({"size": [h, w], "counts": counts})
         coarse_area = refined_area = int(coarse.sum())
         if npatch:
-            refined, rejected = reassemble(coarse, group["box"][has], group["prob"][has], cfg)
+            s = cfg.crop_size
+            boxes = np.frombuffer(row["boxes"], np.int32).reshape(-1, 4).astype(np.int64)
+            probs = np.frombuffer(row["prob"], np.uint8).reshape(-1, s, s)
+            refined, rejected = flow.finish_instance(coarse, boxes, probs, cfg)
             if rejected:
-                status, reason = "passed_through", rejected
+                status, reason = flow.PASSED, rejected
             else:
                 counts = rle_utils.encode(refined)["counts"]
                 refined_area = int(refined.sum())
-    row = {**first, "rle_counts": counts, "status": status, "reason": reason, "coarse_area": coarse_area,
-           "refined_area": refined_area, "num_patches": npatch, "model_name": model_name,
-           "model_version": model_version, "config_hash": config_hash}
-    return row
+    out = {k: _plain(row[k]) for k in META if k != "shard"}
+    out.update(rle_counts=counts, status=status, reason=reason, coarse_area=coarse_area, refined_area=refined_area,
+               num_patches=npatch, **provenance)
+    return out
+
+
+def part_name(rows: list[dict]) -> str:
+    """A part's file name from its content: the instances it holds (source file and position)."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(f"{r['source_file']}#{r['position']}|".encode())
+    return f"part-{h.hexdigest()[:20]}.parquet"
+
+
+class WriteParts:
+    """The grouping stage: instance rows (each already holding all of its patches) -> pasted, RLE
+    encoded output rows, written by the worker as one Parquet part per shard present in the batch
+    under OUT/parts/shard-NNNNN/ (atomically, named by content, so a retried task rewrites the same
+    file). Returns one small receipt per part for the driver's commit bookkeeping: the shard, its
+    instance and patch counts, and the images that could not be read."""
+
+    def __init__(self, out_uri: str, config: dict, model_name: str, model_version: str, config_hash: str):
+        self.out_uri, self.cfg = out_uri, BPRConfig.from_dict(config)
+        self.provenance = {"model_name": model_name, "model_version": model_version, "config_hash": config_hash}
+
+    def __call__(self, batch: dict) -> dict:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from bpr_core.formats import REFINED_SCHEMA
+
+        from .storage import write_bytes_atomic
+
+        n = len(batch["image_id"])
+        by_shard: dict[int, list[dict]] = {}
+        for i in range(n):
+            row = finish_row({k: batch[k][i] for k in batch}, self.cfg, self.provenance)
+            by_shard.setdefault(int(batch["shard"][i]), []).append(row)
+        receipts = {"shard": [], "part": [], "instances": [], "patches": [], "failed_images": [], "actors": []}
+        actors = sorted({str(a) for col in ("extract_actor", "refine_actor") if col in batch for a in batch[col]})
+        out = resolve(self.out_uri)
+        for shard, rows in sorted(by_shard.items()):
+            rows.sort(key=lambda r: (r["image_id"], r["instance_id"], r["source_file"], r["position"]))
+            name = part_name(rows)
+            buf = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(rows, schema=REFINED_SCHEMA), buf)
+            write_bytes_atomic(out.join("parts", f"shard-{shard:05d}", name), buf.getvalue())
+            failed: dict[str, list] = {}  # image_id -> [its first read error, instances on it]
+            for r in rows:
+                if r["status"] == flow.QUARANTINED and is_read_failure(r["reason"]):
+                    failed.setdefault(str(r["image_id"]), [r["reason"], 0])[1] += 1
+            receipts["shard"].append(shard)
+            receipts["part"].append(name)
+            receipts["instances"].append(len(rows))
+            receipts["patches"].append(sum(r["num_patches"] for r in rows))
+            receipts["failed_images"].append(json.dumps(failed))
+            receipts["actors"].append(json.dumps(actors))
+        return {"shard": np.asarray(receipts["shard"], np.int64), "part": _column(receipts["part"]),
+                "instances": np.asarray(receipts["instances"], np.int64), "patches": np.asarray(receipts["patches"], np.int64),
+                "failed_images": _column(receipts["failed_images"]), "actors": _column(receipts["actors"])}

@@ -81,3 +81,18 @@ def test_setup_commands_fail_loudly_and_run_in_a_scratch_directory(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("bpr ok, torch"), r.stderr
     broken = cmds[0].replace("/home/ubuntu", home + "/nope").replace("python3 -m venv", "false &&")
     assert subprocess.run(["bash", "-c", broken]).returncode != 0  # a failing step is a failing command
+
+
+def test_device_auto_asks_for_gpus_the_autoscaler_can_add(tmp_path, monkeypatch):
+    """--device auto on a head that `ray up` started: no GPU node is up yet, but the config's
+    gpu_workers declare GPUs, so the refinement actors ask for one (and the autoscaler adds nodes)."""
+    from pipeline.graph import autoscaler_gpus
+
+    assert autoscaler_gpus(str(ROOT / "cluster.yaml")) == 4  # gpu_workers: GPU 1 x max_workers 4
+    cpu_only = _load()
+    del cpu_only["available_node_types"]["gpu_workers"]
+    (tmp_path / "cpu.yaml").write_text(yaml.safe_dump(cpu_only))
+    assert autoscaler_gpus(str(tmp_path / "cpu.yaml")) == 0
+    assert autoscaler_gpus(str(tmp_path / "absent.yaml")) == 0
+    monkeypatch.setenv("BPR_AUTOSCALER_CONFIG", str(ROOT / "cluster.yaml"))
+    assert autoscaler_gpus() == 4

@@ -99,14 +99,14 @@ def test_threads_apply_during_the_call_only():
 
 def test_probabilities_are_the_patch_mean_where_covered_and_the_coarse_mask_elsewhere():
     image, masks = _scene(6)
-    r = Refiner(method=Recording(value=0.25), config=CFG)
+    r = Refiner(method=Recording(value=0.2), config=CFG)
     refined, infos, probs = r.refine(image, masks, return_info=True, return_probs=True)
     assert probs.shape == masks.shape and probs.dtype == np.float32
     for n, info in enumerate(infos):
-        covered = probs[n] == np.float32(0.25)
+        covered = probs[n] == np.float32(0.2)  # 0.2 = 51/255: exact after the uint8 hand-over
         assert info.num_patches > 0 and covered.any()
         assert np.array_equal(probs[n][~covered], masks[n][~covered].astype(np.float32))
-        assert not refined[n][covered].any()  # 0.25 < 0.5: background wherever a patch covers
+        assert not refined[n][covered].any()  # 0.2 < 0.5: background wherever a patch covers
         assert np.array_equal(refined[n][~covered], masks[n][~covered])
     t_refined, t_probs = r.refine(image, torch.from_numpy(masks), return_probs=True)
     assert isinstance(t_probs, torch.Tensor) and np.array_equal(t_probs.numpy(), probs)

@@ -4,7 +4,7 @@ pipeline: same patches, same model, the same refined masks."""
 import json
 
 from bpr_core import rle as rle_utils
-from pipeline.benchmark import end_to_end, official_style
+from bench.benchmark import end_to_end, official_style
 
 
 def _masks(path):

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from bpr_core import BPRConfig, crop_patches, paste_patches, propose_patches
+from bpr_core import BPRConfig, crop_patches, flow, paste_patches, propose_patches
 from bpr_core import rle as rle_utils
 from bpr_core.formats import load_image_index, read_results_json, row_to_result
 from bpr_core.config import OFFICIAL_RULES
@@ -32,7 +32,7 @@ from bpr_core.training import match_gt
 from bpr_core.synthetic import write_dataset
 
 from .procmem import PeakRSS
-from .refine_job import RefineOptions, run
+from pipeline.refine_job import RefineOptions, run
 
 # bpr decodes stored pixels (bpr_core.imageio EXIF policy); the baselines here read the same way.
 STORED = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
@@ -46,32 +46,33 @@ def dataset(root: Path, n: int, seed: int = 500) -> Path:
 
 
 def all_patches(d: Path, cfg: BPRConfig, keep_instances: bool = False):
-    """Every patch of the set, as the pipeline extracts them: (image patches, mask patches), plus
-    [(coarse mask, boxes)] per instance with keep_instances."""
+    """Every patch of the set, as the pipeline extracts them (bpr_core.flow): (image patches, mask
+    patches), plus [(coarse mask, boxes)] per instance with keep_instances."""
     index = load_image_index(d / "annotations.json")
     rows = read_results_json(d / "coarse.json")
-    imgs, msks, instances = [], [], []
-    cache = {}
+    batches, instances = [], []
+    by_image: dict[int, list[dict]] = {}
     for r in rows:
-        if r["image_id"] not in cache:
-            cache = {r["image_id"]: cv2.cvtColor(cv2.imread(str(d / "images" / index[r["image_id"]].file_name), STORED), cv2.COLOR_BGR2RGB)}
-        m = rle_utils.decode({"size": [r["rle_h"], r["rle_w"]], "counts": r["rle_counts"]})
-        boxes = propose_patches(m, cfg)
-        if len(boxes):
-            imgs.append(crop_patches(cache[r["image_id"]], boxes, cfg))
-            msks.append(crop_patches(m.view(np.uint8), boxes, cfg))
+        by_image.setdefault(r["image_id"], []).append(r)
+    for image_id, mine in by_image.items():
+        image = cv2.cvtColor(cv2.imread(str(d / "images" / index[image_id].file_name), STORED), cv2.COLOR_BGR2RGB)
+        masks = [rle_utils.decode({"size": [r["rle_h"], r["rle_w"]], "counts": r["rle_counts"]}) for r in mine]
+        pb = flow.extract(image, masks, cfg)
+        batches.append(pb)
         if keep_instances:
-            instances.append((m, boxes))
+            instances.extend((m, pb.boxes[pb.span(i)]) for i, m in enumerate(masks))
+    merged = flow.PatchBatch.concat(batches, cfg.crop_size)
     if keep_instances:
-        return np.concatenate(imgs), np.concatenate(msks), instances
-    return np.concatenate(imgs), np.concatenate(msks)
+        return merged.img, merged.msk, instances
+    return merged.img, merged.msk
 
 
 def serial_work(d: Path, checkpoint: str | None, network_s: float) -> dict:
-    """The algorithm's own work in one thread with no framework and no disk writes: read and decode
-    each image and coarse RLE, propose and crop patches (extract); the network (network_s, the bare
-    model's 1-thread time); paste the probabilities and RLE-encode (paste). Spread perfectly over
-    the machine's cores, this is a floor under any flow's wall time here (see `bounds`)."""
+    """The algorithm's own work in one thread with no framework and no disk writes, through the same
+    per-instance flow as the pipeline (bpr_core.flow): read and decode each image and coarse RLE,
+    propose and crop patches (extract); the network (network_s, the bare model's 1-thread time);
+    paste the probabilities and RLE-encode (paste). Spread perfectly over the machine's cores, this
+    is a floor under any flow's wall time here (see `bounds`)."""
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
@@ -80,12 +81,11 @@ def serial_work(d: Path, checkpoint: str | None, network_s: float) -> dict:
         t = time.perf_counter()
         imgs, msks, instances = all_patches(d, cfg, keep_instances=True)
         extract_s = time.perf_counter() - t
-        probs = np.concatenate([refiner.predict(imgs[i : i + 64], msks[i : i + 64]) for i in range(0, len(imgs), 64)])
+        probs = flow.predict_u8(refiner, imgs, msks, 64)
         t, k = time.perf_counter(), 0
         for m, boxes in instances:
-            if len(boxes):
-                m = paste_patches(m, boxes, probs[k : k + len(boxes)], cfg)
-                k += len(boxes)
+            m, _ = flow.finish_instance(m, boxes, probs[k : k + len(boxes)], cfg)
+            k += len(boxes)
             rle_utils.encode(m)
         paste_s = time.perf_counter() - t
     finally:
@@ -125,12 +125,12 @@ def bare_model(d: Path, checkpoint: str | None, batch_size: int, threads: int, d
             "repeats": repeats}
 
 
-def end_to_end(d: Path, out: Path, checkpoint: str | None, batch_size: int, refine_actors: int = 1,
-               shard_size: int | None = None, device: str = "cpu") -> dict:
+def end_to_end(d: Path, out: Path, checkpoint: str | None, batch_size: int, refine_actors: int = 0,
+               shard_size: int | None = None, device: str = "cpu", **options) -> dict:
     """`jobs.refine` with its defaults (shard size, shards in flight, CPUs per actor), on `device`
     (cpu unless asked: the CPU runs must not move to a GPU where the machine has one). The
     do-no-harm rules are off here (OFFICIAL_RULES), so every flow does the official work."""
-    extra = {"shard_size": shard_size} if shard_size else {}
+    extra = {"shard_size": shard_size, **options} if shard_size else dict(options)
     if out.exists():
         shutil.rmtree(out)
     opts = RefineOptions(images=str(d / "images"), coarse=str(d / "coarse.json"), image_info=str(d / "annotations.json"),
@@ -144,7 +144,8 @@ def end_to_end(d: Path, out: Path, checkpoint: str | None, batch_size: int, refi
     images = len(load_image_index(d / "annotations.json"))
     return {"images": images, "patches": patches, "seconds": round(sec, 3), "patches_per_s": patches / sec,
             "images_per_s": images / sec, "peak_rss_mb": round(mem.peak / 2**20, 1), "refine_actors": refine_actors,
-            "shards": len(m["timings"]["per_shard"]), "device": m["device"], "stage_stats": m.get("_stats", "")}
+            "shards": len(m["timings"]["per_shard"]), "device": m["device"], "pools": m["pools"],
+            "actors_started": m["timings"]["actors"], "stage_stats": m.get("_stats", "")}
 
 
 def gpu_runs(d: Path, root: Path, checkpoint: str | None, batch_size: int) -> dict:
@@ -257,7 +258,7 @@ def untrained_checkpoint(root: Path, arch: str) -> str:
 
 
 def benchmark(root: Path, n: int, checkpoint: str | None = None, batch_size: int = 64, quick: bool = False) -> dict:
-    from .runtime import init_ray
+    from pipeline.runtime import init_ray
 
     init_ray()
     d, d4 = dataset(root, n), dataset(root, 4 * n, seed=501)
@@ -266,27 +267,42 @@ def benchmark(root: Path, n: int, checkpoint: str | None = None, batch_size: int
     res["serial_work"] = serial_work(d, checkpoint, res["bare_model"]["seconds"])
     res["end_to_end"] = end_to_end(d, root / "out-e2e", checkpoint, batch_size)
     res["official_style"] = official_style(d, root / "official", checkpoint, batch_size, threads=2)
-    # Memory at N and 4N with the same shard size (N/2 images), so that both runs hold the same
-    # number of shards in flight: at the default shard size N fits one shard and 4N two, and the
-    # second flow's actor processes, not the data, would make the difference.
+    # Memory at N and 4N with the same shard size (N/2 images; since one flow serves every shard,
+    # the shard size only sets the unit of commit, and both runs commit at the same granularity).
     half = max(1, n // 2)
     res["memory_n"] = end_to_end(d, root / "out-mem-n", checkpoint, batch_size, shard_size=half)
     res["memory_4n"] = end_to_end(d4, root / "out-mem-4n", checkpoint, batch_size, shard_size=half)
+    res["end_to_end_4n"] = end_to_end(d4, root / "out-e2e-4n", checkpoint, batch_size)
     if not quick:
-        res["end_to_end_4n"] = end_to_end(d4, root / "out-e2e-4n", checkpoint, batch_size)
         res["end_to_end_2_actors"] = end_to_end(d, root / "out-e2e-2a", checkpoint, batch_size, refine_actors=2)
-    e2e, bare, off = res["end_to_end"], res["bare_model"], res["official_style"]
+        res["end_to_end_1_actor"] = end_to_end(d, root / "out-e2e-1a", checkpoint, batch_size, refine_actors=1)
+    e2e, bare, off, e4 = res["end_to_end"], res["bare_model"], res["official_style"], res["end_to_end_4n"]
+    res["bounds"] = bounds(res["serial_work"], bare["seconds"], off["seconds"], os.cpu_count() or 1)
     res["ratios"] = {
         "end_to_end_over_bare_model": e2e["patches_per_s"] / bare["patches_per_s"],
+        # the floor (serial work over the cores) scaled to 4N's patches, over 4N's wall time
+        "end_to_end_4n_over_floor": res["bounds"]["floor_s"] * (e4["patches"] / e2e["patches"]) / e4["seconds"],
         "ours_over_official_style": off["seconds"] / e2e["seconds"],
         "peak_rss_4n_over_n": res["memory_4n"]["peak_rss_mb"] / res["memory_n"]["peak_rss_mb"],
     }
-    if "end_to_end_4n" in res:  # no target: the same ratio at 4N, for scale
-        res["end_to_end_4n_over_bare_model"] = res["end_to_end_4n"]["patches_per_s"] / bare["patches_per_s"]
-    res["bounds"] = bounds(res["serial_work"], bare["seconds"], off["seconds"], os.cpu_count() or 1)
+    res["end_to_end_4n_over_bare_model"] = e4["patches_per_s"] / bare["patches_per_s"]  # for scale, no target
+    res["driver"] = driver_cost(root, [20_000, 80_000] if quick else [500_000, 2_000_000])
     import ray
 
     if torch.cuda.is_available() and ray.cluster_resources().get("GPU", 0) >= 1:
         res["gpu"] = gpu_runs(d, root, checkpoint, batch_size)
-    res["targets"] = {"end_to_end_over_bare_model": 0.85, "ours_over_official_style": 5.0, "peak_rss_4n_over_n": 1.2}
+    res["targets"] = {"end_to_end_over_bare_model": 0.85, "end_to_end_4n_over_floor": 0.7, "ours_over_official_style": 2.0,
+                      "peak_rss_4n_over_n": 1.2, "driver_cpu_us_per_instance": 2.0}
     return res
+
+
+def driver_cost(root: Path, sizes: list[int]) -> dict:
+    """The driver's CPU and memory per instance at two input sizes, projected to 20M (bench.driver,
+    each size in its own process)."""
+    import subprocess
+    import sys
+
+    out = root / "driver.json"
+    subprocess.run([sys.executable, "-m", "bench.driver", "--instances", *map(str, sizes), "--work", str(root / "driver"),
+                    "--out", str(out)], check=True)
+    return json.loads(out.read_text())

@@ -1,0 +1,181 @@
+"""What the refinement job's driver costs per input instance: CPU time and memory, measured at two
+input sizes and projected to 20M instances.
+
+The driver's own work, without Ray and without images (the workers' part is not the driver's):
+    ingest    stream the results JSON, validate each record against the image index, spill by shard
+    plan      per shard: read the spill, hash the shard key, cut Arrow input blocks (what goes to ray.put)
+    receipts  the commit bookkeeping for one receipt per written part
+    assemble  stream the committed parts into refined.json and quarantine.parquet
+Each size runs in its own process, so its peak RSS is its own; memory is reported as the peak over
+the RSS after start-up (imports, model load), per instance.
+
+    python -m bench.driver --instances 500000 2000000 [--out driver.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RLE_8x8 = "b04400000>"  # a 4x4 square in an 8x8 mask (the driver never decodes masks)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_inputs(root: Path, instances: int, per_image: int = 4) -> Path:
+    """A COCO results JSON of `instances` detections on instances/per_image images and its index,
+    written once per size (the images themselves are never read by the driver)."""
+    d = root / f"driver-{instances}"
+    if (d / "coarse.json").exists():
+        return d
+    (d / "images").mkdir(parents=True, exist_ok=True)
+    n_images = (instances + per_image - 1) // per_image
+    with open(d / "annotations.json", "w") as f:
+        json.dump({"images": [{"id": i + 1, "file_name": f"{i + 1:08d}.png", "height": 8, "width": 8} for i in range(n_images)],
+                   "categories": [{"id": 1, "name": "thing"}]}, f)
+    with open(d / "coarse.tmp", "w") as f:
+        f.write("[")
+        for k in range(instances):
+            f.write(("," if k else "") + json.dumps({"image_id": k // per_image + 1, "category_id": 1, "score": 0.5,
+                                                    "segmentation": {"size": [8, 8], "counts": RLE_8x8}}))
+        f.write("]")
+    os.replace(d / "coarse.tmp", d / "coarse.json")
+    return d
+
+
+def measure(d: Path, work: Path) -> dict:
+    """Run the driver's phases over one input (in this process) and time them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bpr_core.formats import REFINED_SCHEMA
+    from pipeline import graph, storage
+    from pipeline.commit import ImageStats, ShardLedger, model_identity, shard_key
+    from pipeline.ingest import prepare_shards
+    from pipeline.options import RefineOptions
+    from pipeline.outputs import assemble
+
+    from bpr_core.refiner import make_patch_refiner
+
+    opts = RefineOptions(images=str(d / "images"), coarse=str(d / "coarse.json"), image_info=str(d / "annotations.json"),
+                         out=str(work / "out"), method="identity")
+    _, cfg, card = make_patch_refiner("identity", None, "cpu", {})
+    out = storage.resolve(opts.out)
+    storage.makedirs(out)
+    base_rss = _rss_mb()
+    phases = {}
+
+    def timed(name, fn):
+        c, t = time.process_time(), time.perf_counter()
+        result = fn()
+        phases[name] = {"cpu_s": round(time.process_time() - c, 3), "wall_s": round(time.perf_counter() - t, 3)}
+        return result
+
+    shards, quarantined, n_in = timed("ingest", lambda: prepare_shards(opts))
+    model_id = model_identity("identity", None, card)
+    ledger = ShardLedger(out, opts.max_unreadable_share)
+    stats = ImageStats(opts.images)
+
+    def plan():
+        keys, n_blocks = [], 0
+        for i in range(len(shards)):
+            table = shards.table(i)
+            keys.append(shard_key(table, model_id, cfg.config_hash(), opts.read_policy(), stats))
+            ledger.start(i, keys[-1], table.num_rows, shards.images[i])
+            n_blocks += len(graph.input_blocks(table, i, opts.images_per_block))
+        return keys, n_blocks
+
+    keys, n_blocks = timed("plan", plan)
+
+    # The workers' part, untimed: the parts a run would have written (identity: the coarse rows).
+    extra = {"status": "passed_through", "reason": "", "coarse_area": 16, "refined_area": 16, "num_patches": 0,
+             "model_name": "identity", "model_version": "1", "config_hash": cfg.config_hash()}
+    part_rows = opts.instances_per_part
+    receipts = []
+    for i in range(len(shards)):
+        rows = shards[i]
+        for k in range(0, len(rows), part_rows):
+            chunk = [{**{c: r.get(c) for c in REFINED_SCHEMA.names if c in r}, **extra} for r in rows[k : k + part_rows]]
+            p = out.join("parts", ledger.name(i), f"part-{k:09d}.parquet")
+            os.makedirs(os.path.dirname(p.path), exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(chunk, schema=REFINED_SCHEMA), p.path)
+            receipts.append((i, len(chunk)))
+
+    def bookkeeping():
+        for i, n in receipts:
+            if ledger.receive(i, n, 0, {}):
+                ledger.commit(i)
+
+    timed("receipts", bookkeeping)
+    manifest = timed("assemble", lambda: assemble(opts, out, shards, keys, quarantined, n_in, cfg, card))
+    shards.close()
+    assert manifest["invariant"]["ok"], manifest["invariant"]
+    cpu = sum(p["cpu_s"] for p in phases.values())
+    peak = _peak_mb()
+    return {"instances": n_in, "images": sum(shards.images), "shards": len(shards), "input_blocks": n_blocks,
+            "phases": phases, "cpu_s": round(cpu, 3), "cpu_us_per_instance": round(1e6 * cpu / n_in, 2),
+            "base_rss_mb": round(base_rss, 1), "peak_rss_mb": round(peak, 1),
+            "memory_bytes_per_instance": round((peak - base_rss) * 2**20 / n_in, 1)}
+
+
+def project(points: list[dict], target: int = 20_000_000) -> dict:
+    """Linear in the instances from the two sizes: CPU per instance from the larger run; memory as
+    a fixed part plus a per-instance slope (0 when the driver holds no per-instance state)."""
+    a, b = sorted(points, key=lambda p: p["instances"])[:1][0], sorted(points, key=lambda p: p["instances"])[-1]
+    slope = (b["peak_rss_mb"] - a["peak_rss_mb"]) / max(1, b["instances"] - a["instances"])  # MB per instance
+    return {"instances": target, "cpu_minutes": round(b["cpu_us_per_instance"] * target / 1e6 / 60, 1),
+            "peak_rss_gb": round((b["peak_rss_mb"] + slope * (target - b["instances"])) / 1024, 2),
+            "memory_growth_bytes_per_instance": round(slope * 2**20, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--instances", type=int, nargs="+", default=[500_000, 2_000_000])
+    ap.add_argument("--work", help="working directory (default: a temporary one)")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size in this process
+    args = ap.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bpr-driver-"))
+    if args.one:
+        d = write_inputs(work, args.one)
+        run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+        print(json.dumps(measure(d, run_dir)))
+        return 0
+    points = []
+    for n in args.instances:
+        write_inputs(work, n)  # outside the measured process
+        res = subprocess.run([sys.executable, "-m", "bench.driver", "--one", str(n), "--work", str(work)], check=True,
+                             capture_output=True, text=True)
+        points.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        p = points[-1]
+        print(f"{n:>10,} instances: driver CPU {p['cpu_s']:.1f} s ({p['cpu_us_per_instance']:.1f} us/instance: "
+              + ", ".join(f"{k} {v['cpu_s']:.1f} s" for k, v in p["phases"].items())
+              + f"), peak RSS {p['peak_rss_mb']:.0f} MB ({p['memory_bytes_per_instance']:.0f} B/instance over start-up)")
+    res = {"points": points, "projection_20m": project(points)}
+    pr = res["projection_20m"]
+    print(f"projected to 20M instances: {pr['cpu_minutes']} CPU-minutes on the driver, peak RSS {pr['peak_rss_gb']} GB "
+          f"(growth {pr['memory_growth_bytes_per_instance']:.0f} B/instance)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Commit and resume for the refinement job.
+
+A shard is the unit of commit: its key hashes everything its outputs depend on (instance rows,
+model with the checkpoint's content hash, config, input policies, each image's size and mtime).
+The workers write a shard's parts under OUT/parts/shard-NNNNN/ (named by content); the driver
+writes OUT/_commits/shard-NNNNN.json, holding the key, last, once every instance of the shard is in
+a written part. A re-run skips shards whose marker holds the same key (unless they had read
+failures, which are retried), deletes the parts of the others, and runs only those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow.fs as pafs
+
+from bpr_core.formats import InputError, JobFailed
+
+from . import storage
+
+
+def shard_key(table, model_id: str, config_hash: str, read_policy: str = "", image_stats: "ImageStats | None" = None) -> str:
+    """What a shard's outputs depend on: its instance rows (the spill's sorted Arrow table, hashed
+    as its IPC bytes: no per-row work), the model (with its checkpoint's hash), the config, the input
+    policies, and each image's identity (size and modification time), so a replaced image is
+    refined again."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    h = hashlib.sha256(f"{model_id}|{config_hash}|{read_policy}|".encode())
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.combine_chunks())
+    h.update(sink.getvalue())
+    if image_stats is not None:
+        for name in sorted(pc.unique(table["file_name"]).to_pylist()):
+            h.update(f"{name}={image_stats.get(name, 'missing')}|".encode())
+    return h.hexdigest()[:16]
+
+
+class ImageStats:
+    """Identity ("size:mtime_ns") of image file_names, from one recursive listing of the images
+    root (on S3, LIST calls of 1,000 keys, never a request per image); names outside the root
+    (--allow-absolute-paths) are looked up one by one. A missing file has none."""
+
+    def __init__(self, images_uri: str):
+        root = storage.resolve(images_uri)
+        self.listed: dict[str, str] = {}
+        try:
+            infos = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True, allow_not_found=True))
+        except OSError:
+            infos = []
+        prefix = root.path.rstrip("/") + "/"
+        for info in infos:
+            if info.type == pafs.FileType.File and info.path.startswith(prefix):
+                self.listed[info.path[len(prefix):]] = f"{info.size}:{info.mtime_ns}"
+
+    def get(self, name: str, default: str = "missing") -> str:
+        import posixpath
+
+        rel = posixpath.normpath(name)
+        if rel in self.listed:
+            return self.listed[rel]
+        if "://" in name or name.startswith("/"):
+            try:
+                loc = storage.resolve(name)
+                info = loc.fs.get_file_info(loc.path)
+                if info.type == pafs.FileType.File:
+                    return f"{info.size}:{info.mtime_ns}"
+            except (OSError, InputError):
+                pass
+        return default
+
+
+def model_identity(method: str, checkpoint: str | None, card: dict) -> str:
+    """The model as part of every shard key: card name and version, and for a network the content
+    hash of its checkpoint, so another model that carries the same card never reuses old results."""
+    ident = f"{card.get('name')}@{card.get('version', '')}"
+    if method == "network":
+        from bpr_core.refiner import DEFAULT_WEIGHTS
+
+        ident += "#" + storage.sha256_hex(storage.resolve(str(checkpoint or DEFAULT_WEIGHTS)))[:16]
+    return ident
+
+
+class ShardLedger:
+    """The driver's bookkeeping for the shards of one run: which are pending, how many of their
+    instances the workers have written (from the parts' receipts), and their commit markers.
+    State is per shard (counts) and per unreadable image, never per instance."""
+
+    def __init__(self, out: storage.Location, max_unreadable_share: float, lease=None):
+        self.out, self.share, self.lease = out, max_unreadable_share, lease
+        self.expected: dict[int, int] = {}  # shard -> instances it holds
+        self.images: dict[int, int] = {}  # shard -> images it holds
+        self.keys: dict[int, str] = {}
+        self.written: dict[int, int] = {}
+        self.patches: dict[int, int] = {}
+        self.failed: dict[int, dict[str, str]] = {}  # shard -> {image_id: first read error}
+        self.failed_instances: dict[int, int] = {}  # shard -> instances on images that could not be read
+
+    @staticmethod
+    def name(i: int) -> str:
+        return f"shard-{i:05d}"
+
+    def marker(self, i: int) -> storage.Location:
+        return self.out.join("_commits", f"{self.name(i)}.json")
+
+    def parts(self, i: int) -> storage.Location:
+        return self.out.join("parts", self.name(i))
+
+    def is_done(self, i: int, key: str) -> bool:
+        """Committed with this key and no read failures (those shards are retried)."""
+        marker = self.marker(i)
+        previous = json.loads(storage.read_bytes(marker)) if storage.exists(marker) else {}
+        return previous.get("key") == key and not previous.get("read_failures")
+
+    def start(self, i: int, key: str, instances: int, images: int) -> None:
+        """Shard i will run: drop what an interrupted run left of it."""
+        storage.delete(self.parts(i))
+        self.expected[i], self.images[i], self.keys[i] = instances, images, key
+        self.written[i] = self.patches[i] = self.failed_instances[i] = 0
+        self.failed[i] = {}
+
+    def receive(self, shard: int, instances: int, patches: int, failed_images: dict[str, list]) -> bool:
+        """A part of `shard` was written (`failed_images`: image_id -> [first read error, instances
+        on it in the part]). True when the shard is now complete."""
+        self.written[shard] += instances
+        self.patches[shard] += patches
+        for image_id, (reason, n) in failed_images.items():
+            self.failed[shard].setdefault(image_id, reason)
+            self.failed_instances[shard] += n
+        if self.written[shard] > self.expected[shard]:
+            raise RuntimeError(f"{self.name(shard)}: {self.written[shard]} instances written for {self.expected[shard]} in; "
+                               "not committing")
+        return self.written[shard] == self.expected[shard]
+
+    def commit(self, i: int) -> dict:
+        """Every instance of shard i is in a written part: check and write its marker (last)."""
+        name = self.name(i)
+        if self.lease is not None and self.lease.lost:
+            raise JobFailed(f"lost the lease on {self.out.uri} to another run; {name} not committed")
+        failed, n_images = self.failed[i], self.images[i]
+        bad = len(failed)
+        if bad and bad > self.share * n_images and (bad >= 3 or bad == n_images):
+            first = failed[min(failed, key=int)]
+            raise JobFailed(f"{name}: {bad} of {n_images} images could not be read (more than "
+                            f"{self.share:.0%}, --max-unreadable-share): a systemic failure, e.g. no access "
+                            f"to the images from the workers; not committing. First error: {first}")
+        # A shard with read failures is committed (its outputs are complete, every instance
+        # accounted for) but not "done": the next run redoes it, so restored images get refined.
+        storage.write_bytes_atomic(self.marker(i), json.dumps(
+            {"key": self.keys[i], "instances": self.expected[i], "patches": self.patches[i],
+             "read_failures": self.failed_instances[i], "unreadable_images": len(failed)}).encode())
+        return {"shard": i, "instances": self.expected[i], "patches": self.patches[i]}
