@@ -235,12 +235,33 @@ class RefinePatches:
         out = {k: v for k, v in batch.items() if k not in ("img", "msk")}
         out["prob"] = _column([probs[a:b].tobytes() for a, b in zip(starts, ends)])
         out["refine_actor"] = _column([self.actor] * len(starts))
+        _trim_heap()
         return out
 
 
 def _plain(v):
     """numpy scalars -> Python values (what pyarrow's from_pylist takes)."""
     return v.item() if isinstance(v, np.generic) else v
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc only). Batches of varying size make glibc raise
+    its mmap threshold and serve later large tensors from the heap, which then only grows: measured
+    on 2 cores, each refinement actor's RSS grew from ~0.9 GB (400 images) to ~1.3 GB (1,600)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def finish_row(row: dict, cfg: BPRConfig, provenance: dict) -> dict:
