@@ -108,7 +108,7 @@ def build_parser(prog: str | None = None, doc: str = __doc__, coarse: bool = Tru
     r.add_argument("--batch-size", type=POSITIVE, default=64, help="patches per network batch (default 64)")
     r.add_argument("--refine-actors", type=NON_NEGATIVE, default=0,
                    help="refinement actors (default 0: one per GPU the cluster has or its autoscaler can add, an "
-                        "autoscaling pool; on CPUs one single-threaded actor per CPU)")
+                        "autoscaling pool; on CPUs up to one single-threaded actor per CPU)")
     r.add_argument("--extract-actors", type=NON_NEGATIVE, default=0,
                    help="most patch-extraction actors, an autoscaling pool from 1 (default 0: as many as the cluster's CPUs "
                         "hold beside the refinement actors)")
