@@ -110,3 +110,20 @@ def test_probabilities_are_the_patch_mean_where_covered_and_the_coarse_mask_else
         assert np.array_equal(refined[n][~covered], masks[n][~covered])
     t_refined, t_probs = r.refine(image, torch.from_numpy(masks), return_probs=True)
     assert isinstance(t_probs, torch.Tensor) and np.array_equal(t_probs.numpy(), probs)
+
+
+def test_network_uint8_path_equals_quantising_its_float_output():
+    """NetworkPatchRefiner.predict_u8 (the GPU-feeding path: uint8 in, quantised on the device, one
+    synchronisation per call) gives what bpr_core.flow.quantise makes of `predict`, bit for bit."""
+    from bpr_core.flow import predict_u8, quantise
+    from bpr_core.refiner import make_patch_refiner
+
+    net, cfg, _ = make_patch_refiner("network", None, "cpu")
+    rng = np.random.default_rng(3)
+    s = cfg.crop_size
+    img = rng.integers(0, 256, (70, s, s, 3), dtype=np.uint8)
+    msk = (rng.random((70, s, s)) > 0.5).astype(np.uint8)
+    got = predict_u8(net, img, msk, batch_size=32)  # 32 + 32 + 6: a short last batch
+    want = np.concatenate([quantise(net.predict(img[i : i + 32], msk[i : i + 32])) for i in range(0, 70, 32)])
+    assert got.dtype == np.uint8 and got.shape == (70, s, s)
+    assert np.array_equal(got, want) and 0 < got.mean() < 255
