@@ -2,8 +2,9 @@
 
     input blocks (whole images, shard by shard)
       -> ExtractPatches   autoscaling CPU actor pool, 1..N actors (N from the cluster's CPUs)
-      -> RefinePatches    one actor per GPU (autoscaling) or per CPU (CPU fallback), or --refine-actors
-      -> WriteParts       the grouping stage: paste, encode, write Parquet parts (CPU actors, 1 per refiner)
+      -> RefinePatches    autoscaling: up to one actor per GPU, or per CPU (CPU fallback); or --refine-actors
+      -> WriteParts       the grouping stage: paste, encode, write Parquet parts (CPU actors, up to one
+                          per refinement actor)
       -> receipts         one small row per written part, consumed by the driver to commit shards
 
 The actors start once per job, whatever the number of shards (a shard is only the unit of commit),
