@@ -138,7 +138,8 @@ def measure(d: Path, work: Path) -> dict:
 def project(points: list[dict], target: int = 20_000_000) -> dict:
     """Linear in the instances from the two sizes: CPU per instance from the larger run; memory as
     a fixed part plus a per-instance slope (0 when the driver holds no per-instance state)."""
-    a, b = sorted(points, key=lambda p: p["instances"])[:1][0], sorted(points, key=lambda p: p["instances"])[-1]
+    by_size = sorted(points, key=lambda p: p["instances"])
+    a, b = by_size[0], by_size[-1]
     slope = (b["peak_rss_mb"] - a["peak_rss_mb"]) / max(1, b["instances"] - a["instances"])  # MB per instance
     return {"instances": target, "cpu_minutes": round(b["cpu_us_per_instance"] * target / 1e6 / 60, 1),
             "peak_rss_gb": round((b["peak_rss_mb"] + slope * (target - b["instances"])) / 1024, 2),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,51 +67,59 @@ def resources(opts: RefineOptions) -> tuple[str, float]:
     return "cpu", 0.0
 
 
-def refine_pool(opts: RefineOptions, device: str) -> tuple[int, int]:
-    """(min, max) refinement actors. --refine-actors N: exactly N. 0 (auto): on GPUs an autoscaling
-    pool of one actor per GPU the cluster has now or its autoscaler can add (each new actor's
-    num_gpus=1 request makes the autoscaler start a GPU node); on CPUs an autoscaling pool of up to
-    one single-threaded actor per CPU, since the network is most of the work (measured on 2 cores,
-    4N images: 2 actors 81 s, one 119 s)."""
-    if opts.refine_actors:
-        return opts.refine_actors, opts.refine_actors
+@dataclass(frozen=True)
+class Pools:
+    """The actor pools and object store budget of one run, resolved once from the options and the
+    cluster (see `plan_pools`)."""
+
+    refine: tuple[int, int]  # (min, max) refinement actors
+    extract: int  # most extraction actors (the pool starts at one)
+    write: int  # most grouping/writing actors (the pool starts at one)
+    object_store_bytes: int
+
+    def manifest(self) -> dict:
+        return {"extract": [1, self.extract], "refine": list(self.refine)}
+
+
+def plan_pools(opts: RefineOptions, device: str) -> Pools:
+    """Resolve the pools for this cluster (one look at its resources and autoscaler config).
+
+    Refinement: --refine-actors N is exactly N. 0 (auto): on GPUs an autoscaling pool of one actor
+    per GPU the cluster has now or its autoscaler can add (each new actor's num_gpus=1 request makes
+    the autoscaler start a GPU node); on CPUs an autoscaling pool of up to one single-threaded actor
+    per CPU, since the network is most of the work (measured on 2 cores, 4N images: 2 actors 81 s,
+    one 119 s); it grows from one, so a small input needs no second.
+
+    Extraction: --extract-actors, or (0 = auto) as many as the cluster's CPUs hold beside the
+    refinement actors (on a GPU cluster the network outruns one CPU's extraction many times over,
+    so the pool may use every CPU; on CPUs the network needs its share). Ray Data grows the pool
+    from one while extraction is the bottleneck.
+
+    Writing: up to one grouping/writing actor per refinement actor (pasting and encoding an
+    instance costs a fraction of its network time; an idle actor is ~250 MB of RSS for nothing).
+
+    Object store: --object-store-mb, or (0 = auto) 256 MB per refinement actor, at least 512 MB: the
+    patches queued ahead of the network are bounded instead of growing with the input (extraction
+    is several times faster than the network on CPUs). On this 2-core box it made no measurable
+    difference to peak RSS, whose growth from N to 4N is in the refinement actors themselves.
+    """
     import ray
 
     res = ray.cluster_resources()
-    if device.startswith("cuda"):
-        return 1, max(1, int(res.get("GPU", 0)), autoscaler_gpus())
-    return 1, max(1, min(32, int(res.get("CPU", 1.0))))  # grows from one: a small input needs no second
-
-
-def extract_pool_size(opts: RefineOptions, device: str) -> int:
-    """Most extraction actors: --extract-actors, or (0 = auto) as many as the cluster's CPUs hold
-    beside the refinement actors (on a GPU cluster the network outruns one CPU's extraction many
-    times over, so the pool may use every CPU; on CPUs the network needs its share). The pool starts
-    at one actor and Ray Data grows it while extraction is the bottleneck."""
+    cuda = device.startswith("cuda")
+    if opts.refine_actors:
+        refine = (opts.refine_actors, opts.refine_actors)
+    elif cuda:
+        refine = (1, max(1, int(res.get("GPU", 0)), autoscaler_gpus()))
+    else:
+        refine = (1, max(1, min(32, int(res.get("CPU", 1.0)))))
     if opts.extract_actors:
-        return opts.extract_actors
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    refine_cpus = 0.0 if device.startswith("cuda") else refine_pool(opts, device)[1] * opts.refine_cpus
-    return max(1, min(64, int((cpus - refine_cpus - WRITE_CPUS) // EXTRACT_CPUS)))
-
-
-def write_pool_size(opts: RefineOptions, device: str) -> int:
-    """Most grouping/writing actors: one per refinement actor (pasting and encoding an instance
-    costs a fraction of its network time; an idle actor is ~250 MB of RSS for nothing)."""
-    return refine_pool(opts, device)[1]
-
-
-def object_store_budget(opts: RefineOptions, device: str) -> int:
-    """Bytes of object store the flow may hold at once: --object-store-mb, or (0 = auto) 256 MB per
-    refinement actor, at least 512 MB. Without a budget, extraction (several times faster than the
-    network on CPUs) runs ahead and parks every patch of the input in the object store: measured on
-    2 cores, peak RSS grew 1.31x from N to 4N images; the budget keeps the flow's memory independent
-    of the input's size (backpressure holds extraction back)."""
-    if opts.object_store_mb:
-        return opts.object_store_mb * 2**20
-    return max(512, 256 * refine_pool(opts, device)[1]) * 2**20
+        extract = opts.extract_actors
+    else:
+        refine_cpus = 0.0 if cuda else refine[1] * opts.refine_cpus
+        extract = max(1, min(64, int((res.get("CPU", 1.0) - refine_cpus - WRITE_CPUS) // EXTRACT_CPUS)))
+    budget_mb = opts.object_store_mb or max(512, 256 * refine[1])
+    return Pools(refine=refine, extract=extract, write=refine[1], object_store_bytes=budget_mb * 2**20)
 
 
 @contextlib.contextmanager
@@ -143,24 +152,23 @@ def input_blocks(table: pa.Table, shard: int, images_per_block: int) -> list[pa.
 
 
 def build(opts: RefineOptions, blocks: list, cfg: BPRConfig, card: dict, device: str, num_gpus: float,
-          out: storage.Location):
+          out: storage.Location, pools: Pools):
     """The dataset of receipts for the input blocks (Arrow tables or object refs to them)."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    refine_min, refine_max = refine_pool(opts, device)
     ds = ray.data.from_arrow_refs([b if isinstance(b, ray.ObjectRef) else ray.put(b) for b in blocks])
     ds = ds.map_batches(ExtractPatches, fn_constructor_args=(opts.images, cfg.to_dict(), opts.exif, opts.max_image_pixels,
                                                              opts.allow_absolute_paths),
                         batch_size=None,  # a whole input block: every instance of its images
-                        compute=ActorPoolStrategy(min_size=1, max_size=extract_pool_size(opts, device)),
+                        compute=ActorPoolStrategy(min_size=1, max_size=pools.extract),
                         num_cpus=EXTRACT_CPUS, batch_format="numpy")
     ds = ds.map_batches(RefinePatches,
                         fn_constructor_args=(opts.method, opts.checkpoint, device, cfg.to_dict(), max(1, int(opts.refine_cpus)),
                                              opts.fail_on_batch, opts.batch_size),
-                        batch_size=opts.instances_per_call, compute=ActorPoolStrategy(min_size=refine_min, max_size=refine_max),
+                        batch_size=opts.instances_per_call, compute=ActorPoolStrategy(min_size=pools.refine[0], max_size=pools.refine[1]),
                         num_cpus=opts.refine_cpus, num_gpus=num_gpus, batch_format="numpy")
     return ds.map_batches(WriteParts, fn_constructor_args=(out.uri, cfg.to_dict(), str(card.get("name")),
                                                            str(card.get("version", "")), cfg.config_hash()),
-                          batch_size=opts.instances_per_part, compute=ActorPoolStrategy(min_size=1, max_size=write_pool_size(opts, device)),
+                          batch_size=opts.instances_per_part, compute=ActorPoolStrategy(min_size=1, max_size=pools.write),
                           num_cpus=WRITE_CPUS, batch_format="numpy")

@@ -24,7 +24,7 @@ class RefineOptions:
     # pending shard through the same long-lived actors; a shard commits when its last part is written).
     shard_size: int = 1000
     batch_size: int = 64  # patches per network batch
-    # Refinement actors: 0 (auto) = one per GPU the cluster has or can add, else one per CPU (graph.refine_pool).
+    # Refinement actors: 0 (auto) = one per GPU the cluster has or can add, else one per CPU (graph.plan_pools).
     refine_actors: int = 0
     # Extraction actors: an autoscaling pool of 1..N; 0 = N derived from the cluster's CPUs (pipeline.graph).
     extract_actors: int = 0
@@ -33,7 +33,7 @@ class RefineOptions:
     images_per_block: int = 8  # input blocks hold this many whole images (an image is never split)
     instances_per_call: int = 64  # instance rows per refinement call (their patches share network batches)
     instances_per_part: int = 512  # instance rows per written Parquet part (at most; a part never spans shards)
-    object_store_mb: int = 0  # the flow's object store budget; 0 = auto (graph.object_store_budget)
+    object_store_mb: int = 0  # the flow's object store budget; 0 = auto (graph.plan_pools)
     device: str = "auto"  # auto: GPU actors when the cluster has GPUs
     fail_on_batch: int | None = None  # fault injection (tests)
     visualize: int = 0  # overlay PNGs of this many most-changed images, to OUT/visualize/

@@ -77,7 +77,7 @@ def _run(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, leas
     import ray
 
     device, num_gpus = graph.resources(opts)
-    pools = {"extract": [1, graph.extract_pool_size(opts, device)], "refine": list(graph.refine_pool(opts, device))}
+    pools = graph.plan_pools(opts, device)
     ledger = ShardLedger(out, opts.max_unreadable_share, lease)
     stats = ImageStats(opts.images)
     keys, blocks, pending, skipped = [], [], [], 0
@@ -99,7 +99,7 @@ def _run(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, leas
     total_images = sum(shards.images)
     _progress(f"bpr refine: {total_images:,} images, {n_in:,} instances ({len(prep_quarantine):,} quarantined on reading), "
               f"{len(shards)} shards of up to {opts.shard_size} images ({skipped} already done); refiner {card.get('name')} "
-              f"({opts.method}) on {device}, {pools['refine'][1]} refinement and up to {pools['extract'][1]} extraction actors; "
+              f"({opts.method}) on {device}, up to {pools.refine[1]} refinement and {pools.extract} extraction actors; "
               f"config {cfg.config_hash()}")
     progress = Progress(total_images, n_in, interval=opts.progress_interval)
     progress.add(done_images, done_instances + len(prep_quarantine), 0, already_done=True,
@@ -117,8 +117,8 @@ def _run(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, leas
         for i in [i for i in pending if ledger.expected[i] == 0]:  # nothing to run: commit at once
             commit(i)
         if blocks:
-            with graph.memory_budget(graph.object_store_budget(opts, device)):
-                ds = graph.build(opts, blocks, cfg, card, device, num_gpus, out)
+            with graph.memory_budget(pools.object_store_bytes):
+                ds = graph.build(opts, blocks, cfg, card, device, num_gpus, out, pools)
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
                     for shard, n, patches, failed, names in zip(batch["shard"], batch["instances"], batch["patches"],
                                                                 batch["failed_images"], batch["actors"]):
@@ -144,7 +144,7 @@ def _run(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, leas
                            # shard (a restarted actor counts again)
                            "actors": {stage: sum(1 for a in actors if a.startswith(stage + ":")) for stage in ("extract", "refine")}}
     manifest["device"] = device
-    manifest["pools"] = pools  # (min, max) actors per stage as resolved for this cluster
+    manifest["pools"] = pools.manifest()  # (min, max) actors per stage as resolved for this cluster
     manifest["status"] = "complete"
     storage.write_bytes_atomic(out.join("manifest.json"), json.dumps(manifest, indent=2).encode())
     if stats_text:

@@ -132,7 +132,7 @@ class ExtractPatches:
         self.actor = actor_id("extract")
         cv2.setNumThreads(1)
 
-    def _image(self, batch: dict, idx: list[int]) -> tuple[flow.PatchBatch, list[int]]:
+    def _image(self, batch: dict, idx: list[int]) -> flow.PatchBatch:
         """One image's instances (row indices) -> their PatchBatch, in input order."""
         image_id, file_name = int(batch["image_id"][idx[0]]), str(batch["file_name"][idx[0]])
         preset: list[tuple[str, str] | None] = [None] * len(idx)
@@ -159,7 +159,7 @@ class ExtractPatches:
                 masks[n] = rle_utils.decode({"size": [h, w], "counts": batch["rle_counts"][i]})
             except Exception as e:
                 preset[n] = (flow.QUARANTINED, f"invalid RLE for image_id {image_id} instance {batch['instance_id'][i]}: {e}")
-        return flow.extract(image, masks, self.cfg, preset), idx
+        return flow.extract(image, masks, self.cfg, preset)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["image_id"])
@@ -170,7 +170,7 @@ class ExtractPatches:
             images.setdefault(int(batch["image_id"][i]), []).append(i)
         rows, cols = [], {k: [] for k in PATCH_COLUMNS}
         for idx in images.values():
-            pb, idx = self._image(batch, idx)
+            pb = self._image(batch, idx)
             for j, i in enumerate(idx):
                 span = pb.span(j)
                 rows.append(i)
@@ -187,7 +187,7 @@ class ExtractPatches:
         return out
 
 
-def _patches(batch: dict, name: str, shape: tuple, dtype=np.uint8) -> np.ndarray:
+def _patches(batch: dict, name: str, shape: tuple) -> np.ndarray:
     """The flat buffers of a column, concatenated into one writable array -> (K, *shape)."""
     bufs = batch[name]
     out = np.empty(sum(len(b) for b in bufs), np.uint8)
@@ -195,7 +195,7 @@ def _patches(batch: dict, name: str, shape: tuple, dtype=np.uint8) -> np.ndarray
     for b in bufs:
         out[at : at + len(b)] = np.frombuffer(b, np.uint8)
         at += len(b)
-    return out.view(dtype).reshape(-1, *shape)
+    return out.reshape(-1, *shape)
 
 
 class RefinePatches:
