@@ -1,15 +1,21 @@
 """What the refinement job's driver costs per input instance: CPU time and memory, measured at two
 input sizes and projected to 20M instances.
 
-The driver's own work, without Ray and without images (the workers' part is not the driver's):
-    ingest    stream the results JSON, validate each record against the image index, spill by shard
+The driver's own work, without Ray (the workers' part is not the driver's); the images are empty
+files, listed by the driver (their size and mtime are part of the shard keys), never decoded:
+    index     read the image index and list the images root (per image, not per instance)
+    ingest    read the input (a Parquet instance table column by column, or a results JSON entry by
+              entry), validate it against the image index, spill by shard
     plan      per shard: read the spill, hash the shard key, cut Arrow input blocks (what goes to ray.put)
     receipts  the commit bookkeeping for one receipt per written part
     assemble  stream the committed parts into refined.json and quarantine.parquet
 Each size runs in its own process, so its peak RSS is its own; memory is reported as the peak over
 the RSS after start-up (imports, model load), per instance.
 
-    python -m bench.driver --instances 500000 2000000 [--out driver.json]
+    python -m bench.driver --instances 500000 2000000 [--formats parquet json] [--out driver.json]
+
+The JSON's top level (points, projection_20m) is the first format (Parquet: the columnar path,
+what the target is for); the others are under `by_format`.
 """
 
 from __future__ import annotations
@@ -39,17 +45,37 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_inputs(root: Path, instances: int, per_image: int = 4) -> Path:
-    """A COCO results JSON of `instances` detections on instances/per_image images and its index,
-    written once per size (the images themselves are never read by the driver)."""
+FORMATS = {"parquet": "coarse.parquet", "json": "coarse.json"}
+
+
+def write_inputs(root: Path, instances: int, fmt: str = "json", per_image: int = 4) -> Path:
+    """`instances` detections on instances/per_image images as a COCO results JSON or a Parquet
+    instance table, the image index and the images as empty files (the driver lists them, never
+    reads them), written once per size."""
     d = root / f"driver-{instances}"
-    if (d / "coarse.json").exists():
+    if (d / FORMATS[fmt]).exists():
         return d
     (d / "images").mkdir(parents=True, exist_ok=True)
     n_images = (instances + per_image - 1) // per_image
-    with open(d / "annotations.json", "w") as f:
-        json.dump({"images": [{"id": i + 1, "file_name": f"{i + 1:08d}.png", "height": 8, "width": 8} for i in range(n_images)],
-                   "categories": [{"id": 1, "name": "thing"}]}, f)
+    if not (d / "annotations.json").exists():
+        for i in range(n_images):
+            open(d / "images" / f"{i + 1:08d}.png", "wb").close()
+        with open(d / "annotations.tmp", "w") as f:
+            json.dump({"images": [{"id": i + 1, "file_name": f"{i + 1:08d}.png", "height": 8, "width": 8} for i in range(n_images)],
+                       "categories": [{"id": 1, "name": "thing"}]}, f)
+        os.replace(d / "annotations.tmp", d / "annotations.json")
+    if fmt == "parquet":
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        k = np.arange(instances, dtype=np.int64)
+        pq.write_table(pa.table({"image_id": k // per_image + 1, "instance_id": k, "category_id": np.ones(instances, np.int64),
+                                 "score": np.full(instances, 0.5), "rle_counts": pa.repeat(pa.scalar(RLE_8x8), instances),
+                                 "rle_h": np.full(instances, 8, np.int64), "rle_w": np.full(instances, 8, np.int64)}),
+                       d / "coarse.tmp")
+        os.replace(d / "coarse.tmp", d / FORMATS[fmt])
+        return d
     with open(d / "coarse.tmp", "w") as f:
         f.write("[")
         for k in range(instances):
@@ -60,21 +86,22 @@ def write_inputs(root: Path, instances: int, per_image: int = 4) -> Path:
     return d
 
 
-def measure(d: Path, work: Path) -> dict:
+def measure(d: Path, work: Path, fmt: str = "json") -> dict:
     """Run the driver's phases over one input (in this process) and time them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from bpr_core.formats import REFINED_SCHEMA
+    from bpr_core.formats import REFINED_SCHEMA, row_to_result
     from pipeline import graph, storage
-    from pipeline.commit import ImageStats, ShardLedger, model_identity, shard_key
-    from pipeline.ingest import prepare_shards
+    from pipeline.commit import ShardLedger, model_identity, shard_key
+    from pipeline.ingest import check_inputs, index_images, prepare_shards
     from pipeline.options import RefineOptions
     from pipeline.outputs import assemble
+    from pipeline.stages import RESULT_JSON, part_schema
 
     from bpr_core.refiner import make_patch_refiner
 
-    opts = RefineOptions(images=str(d / "images"), coarse=str(d / "coarse.json"), image_info=str(d / "annotations.json"),
+    opts = RefineOptions(images=str(d / "images"), coarse=str(d / FORMATS[fmt]), image_info=str(d / "annotations.json"),
                          out=str(work / "out"), method="identity")
     _, cfg, card = make_patch_refiner("identity", None, "cpu", {})
     out = storage.resolve(opts.out)
@@ -88,16 +115,17 @@ def measure(d: Path, work: Path) -> dict:
         phases[name] = {"cpu_s": round(time.process_time() - c, 3), "wall_s": round(time.perf_counter() - t, 3)}
         return result
 
-    shards, quarantined, n_in = timed("ingest", lambda: prepare_shards(opts))
+    check_inputs(opts)
+    indexed = timed("index", lambda: index_images(opts))  # per image: the index and the listing of the images
+    shards, quarantined, n_in = timed("ingest", lambda: prepare_shards(opts, indexed))
     model_id = model_identity("identity", None, card)
     ledger = ShardLedger(out, opts.max_unreadable_share)
-    stats = ImageStats(opts.images)
 
     def plan():
         keys, n_blocks = [], 0
         for i in range(len(shards)):
             table = shards.table(i)
-            keys.append(shard_key(table, model_id, cfg.config_hash(), opts.read_policy(), stats))
+            keys.append(shard_key(table, model_id, cfg.config_hash(), opts.read_policy()))
             ledger.start(i, keys[-1], table.num_rows, shards.images[i])
             n_blocks += len(graph.input_blocks(table, i, opts.images_per_block))
         return keys, n_blocks
@@ -113,9 +141,11 @@ def measure(d: Path, work: Path) -> dict:
         rows = shards[i]
         for k in range(0, len(rows), part_rows):
             chunk = [{**{c: r.get(c) for c in REFINED_SCHEMA.names if c in r}, **extra} for r in rows[k : k + part_rows]]
+            for r in chunk:  # serialised by the worker (WriteParts)
+                r[RESULT_JSON] = json.dumps(row_to_result(r, False), separators=(",", ":"))
             p = out.join("parts", ledger.name(i), f"part-{k:09d}.parquet")
             os.makedirs(os.path.dirname(p.path), exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(chunk, schema=REFINED_SCHEMA), p.path)
+            pq.write_table(pa.Table.from_pylist(chunk, schema=part_schema()), p.path)
             receipts.append((i, len(chunk)))
 
     def bookkeeping():
@@ -129,8 +159,11 @@ def measure(d: Path, work: Path) -> dict:
     assert manifest["invariant"]["ok"], manifest["invariant"]
     cpu = sum(p["cpu_s"] for p in phases.values())
     peak = _peak_mb()
-    return {"instances": n_in, "images": sum(shards.images), "shards": len(shards), "input_blocks": n_blocks,
+    return {"format": fmt, "instances": n_in, "images": sum(shards.images), "shards": len(shards), "input_blocks": n_blocks,
             "phases": phases, "cpu_s": round(cpu, 3), "cpu_us_per_instance": round(1e6 * cpu / n_in, 2),
+            # the two parts of the cost: per image (index, listing) and per instance (everything else)
+            "index_cpu_us_per_image": round(1e6 * phases["index"]["cpu_s"] / max(1, len(indexed[1])), 2),
+            "other_cpu_us_per_instance": round(1e6 * (cpu - phases["index"]["cpu_s"]) / n_in, 2),
             "base_rss_mb": round(base_rss, 1), "peak_rss_mb": round(peak, 1),
             "memory_bytes_per_instance": round((peak - base_rss) * 2**20 / n_in, 1)}
 
@@ -151,28 +184,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instances", type=int, nargs="+", default=[500_000, 2_000_000])
     ap.add_argument("--work", help="working directory (default: a temporary one)")
     ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS),
+                    help="input formats to measure (default: parquet json)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size in this process
+    ap.add_argument("--format", default="json", help=argparse.SUPPRESS)  # internal, with --one
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="bpr-driver-"))
     if args.one:
-        d = write_inputs(work, args.one)
+        d = write_inputs(work, args.one, args.format)
         run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
-        print(json.dumps(measure(d, run_dir)))
+        print(json.dumps(measure(d, run_dir, args.format)))
         return 0
-    points = []
-    for n in args.instances:
-        write_inputs(work, n)  # outside the measured process
-        res = subprocess.run([sys.executable, "-m", "bench.driver", "--one", str(n), "--work", str(work)], check=True,
-                             capture_output=True, text=True)
-        points.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        p = points[-1]
-        print(f"{n:>10,} instances: driver CPU {p['cpu_s']:.1f} s ({p['cpu_us_per_instance']:.1f} us/instance: "
-              + ", ".join(f"{k} {v['cpu_s']:.1f} s" for k, v in p["phases"].items())
-              + f"), peak RSS {p['peak_rss_mb']:.0f} MB ({p['memory_bytes_per_instance']:.0f} B/instance over start-up)")
-    res = {"points": points, "projection_20m": project(points)}
-    pr = res["projection_20m"]
-    print(f"projected to 20M instances: {pr['cpu_minutes']} CPU-minutes on the driver, peak RSS {pr['peak_rss_gb']} GB "
-          f"(growth {pr['memory_growth_bytes_per_instance']:.0f} B/instance)")
+    by_format = {}
+    for fmt in args.formats:
+        points = []
+        for n in args.instances:
+            write_inputs(work, n, fmt)  # outside the measured process
+            res = subprocess.run([sys.executable, "-m", "bench.driver", "--one", str(n), "--format", fmt, "--work", str(work)],
+                                 check=True, capture_output=True, text=True)
+            points.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            p = points[-1]
+            print(f"{fmt:>8} {n:>10,} instances: driver CPU {p['cpu_s']:.1f} s ({p['cpu_us_per_instance']:.1f} us/instance: "
+                  + ", ".join(f"{k} {v['cpu_s']:.1f} s" for k, v in p["phases"].items())
+                  + f"), peak RSS {p['peak_rss_mb']:.0f} MB ({p['memory_bytes_per_instance']:.0f} B/instance over start-up); "
+                  f"= {p['index_cpu_us_per_image']:.1f} us per image + {p['other_cpu_us_per_instance']:.2f} us per instance")
+        by_format[fmt] = {"points": points, "projection_20m": project(points)}
+        pr = by_format[fmt]["projection_20m"]
+        print(f"{fmt:>8} projected to 20M instances: {pr['cpu_minutes']} CPU-minutes on the driver, peak RSS {pr['peak_rss_gb']} GB "
+              f"(growth {pr['memory_growth_bytes_per_instance']:.0f} B/instance)")
+    res = {**by_format[args.formats[0]], "by_format": by_format}
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
     return 0

@@ -22,11 +22,17 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def tree_rss_bytes(root: int | None = None) -> int:
-    """Sum of VmRSS over `root` (default: this process) and all its descendants."""
+def tree_memory(root: int | None = None) -> dict[str, int]:
+    """Memory of `root` (default: this process) and all its descendants, in bytes:
+    rss    the sum of VmRSS: a page mapped by several processes (Ray's object store is shared
+           memory every worker maps) counts once per process that has touched it;
+    shmem  the part of rss that is shared memory (RssShmem);
+    pss    the sum of Pss (/proc/PID/smaps_rollup): each shared page divided among the processes
+           mapping it, so the sum is the memory the tree really holds."""
     root = root or os.getpid()
     kids = _children()
-    total, stack = 0, [root]
+    out = {"rss": 0, "shmem": 0, "pss": 0}
+    stack = [root]
     while stack:
         pid = stack.pop()
         stack.extend(kids.get(pid, []))
@@ -34,27 +40,42 @@ def tree_rss_bytes(root: int | None = None) -> int:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
+                        out["rss"] += int(line.split()[1]) * 1024
+                    elif line.startswith("RssShmem:"):
+                        out["shmem"] += int(line.split()[1]) * 1024
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        out["pss"] += int(line.split()[1]) * 1024
                         break
         except OSError:
             pass
-    return total
+    return out
+
+
+def tree_rss_bytes(root: int | None = None) -> int:
+    """Sum of VmRSS over `root` (default: this process) and all its descendants."""
+    return tree_memory(root)["rss"]
 
 
 class PeakRSS:
-    """with PeakRSS() as m: ...; m.peak (bytes), m.samples [(seconds, bytes)]."""
+    """with PeakRSS() as m: ...; m.peak (bytes, summed RSS), m.peak_pss (bytes, summed PSS),
+    m.peak_shmem (the shared-memory part of the summed RSS at its peak), m.samples [(seconds, rss)]."""
 
     def __init__(self, interval: float = 0.5, root: int | None = None):
         self.interval, self.root = interval, root
-        self.peak, self.samples = 0, []
+        self.peak = self.peak_pss = self.peak_shmem = 0
+        self.samples = []
         self._stop = threading.Event()
 
     def _run(self):
         t0 = time.time()
         while not self._stop.is_set():
-            rss = tree_rss_bytes(self.root)
-            self.peak = max(self.peak, rss)
-            self.samples.append((round(time.time() - t0, 2), rss))
+            m = tree_memory(self.root)
+            if m["rss"] > self.peak:
+                self.peak, self.peak_shmem = m["rss"], m["shmem"]
+            self.peak_pss = max(self.peak_pss, m["pss"])
+            self.samples.append((round(time.time() - t0, 2), m["rss"]))
             self._stop.wait(self.interval)
 
     def __enter__(self):

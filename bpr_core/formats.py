@@ -17,10 +17,12 @@ import csv
 import io
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -85,13 +87,55 @@ class ImageRecord:
     width: int | None = None
 
 
+class ImageTable(Mapping):
+    """Usable image index entries held as arrays (ids, file names as an Arrow string array, sizes
+    with 0 for unknown), a read-only mapping image_id -> ImageRecord in the index's order. Lookups
+    are a binary search over the sorted ids; the refinement job's ingest uses the sorted arrays
+    directly (`sorted_ids`, `sorted_file_names`), with no per-image Python objects held."""
+
+    def __init__(self, ids, file_names, heights, widths):
+        self.ids = np.asarray(ids, np.int64)
+        self.file_names = pa.array(file_names, pa.string()) if not isinstance(file_names, pa.Array) else file_names
+        self.heights, self.widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+        self._order = np.argsort(self.ids, kind="stable")
+        self.sorted_ids = self.ids[self._order]
+
+    @property
+    def sorted_file_names(self) -> pa.Array:
+        return self.file_names.take(pa.array(self._order))
+
+    def _find(self, image_id) -> int:
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer)) or not len(self.ids):
+            return -1
+        if not INT64_MIN <= int(image_id) <= INT64_MAX:
+            return -1
+        k = int(np.searchsorted(self.sorted_ids, image_id))
+        return int(self._order[k]) if k < len(self.ids) and self.sorted_ids[k] == image_id else -1
+
+    def __getitem__(self, image_id) -> ImageRecord:
+        i = self._find(image_id)
+        if i < 0:
+            raise KeyError(image_id)
+        h, w = int(self.heights[i]), int(self.widths[i])
+        return ImageRecord(int(self.ids[i]), self.file_names[i].as_py(), h or None, w or None)
+
+    def __contains__(self, image_id) -> bool:
+        return self._find(image_id) >= 0
+
+    def __iter__(self):
+        return iter(self.ids.tolist())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 @dataclass
 class ImageIndex:
     """An image index as read, entry by entry: the usable records, and the image ids whose entry is
     unusable (a duplicate id, a bad size, no file name) with the reason, so the detections on those
     images can be quarantined with it instead of the whole job failing or a silent choice."""
 
-    records: dict[int, ImageRecord]
+    records: ImageTable
     invalid: dict[int, str]
     unattributable: list[str]  # bad entries without a usable image id (no detection can refer to them)
 
@@ -187,15 +231,23 @@ def read_image_index(path: str | Path | None) -> ImageIndex:
         id_key, name_key, label = "image_id", "path", "row {}"
     else:
         raise InputError(f"image index {path}: unsupported type {suffix!r}. " + HOW_TO_INDEX)
-    records: dict[int, ImageRecord] = {}
-    first_at: dict[int, int] = {}
+    # One pass over the entries: the common well-formed entry is taken as is; any other goes through
+    # _index_entry, which gives the exact reason. Duplicates are found over the arrays afterwards.
+    ids, names, heights, widths, at = [], [], [], [], []
     invalid: dict[int, str] = {}
     unattributable: list[str] = []
     for i, entry in enumerate(entries):
-        where = f"image index {path} {label.format(i)}"
+        if type(entry) is dict:
+            image_id, name, h, w = entry.get(id_key), entry.get(name_key), entry.get("height"), entry.get("width")
+            if type(image_id) is int and type(name) is str and name and INT64_MIN <= image_id <= INT64_MAX and (
+                    (type(h) is int and type(w) is int and 1 <= h <= INT64_MAX and 1 <= w <= INT64_MAX)
+                    or (h is None and w is None)):
+                ids.append(image_id), names.append(name), heights.append(h or 0), widths.append(w or 0), at.append(i)
+                continue
         try:
             rec = _index_entry(entry, id_key, name_key)
         except RecordError as e:
+            where = f"image index {path} {label.format(i)}"
             try:
                 bad_id = exact_int(entry.get(id_key), id_key) if isinstance(entry, dict) else None
             except RecordError:
@@ -205,14 +257,23 @@ def read_image_index(path: str | Path | None) -> ImageIndex:
             else:
                 invalid.setdefault(bad_id, f"{where}: {e}")
             continue
-        if rec.image_id in first_at:
-            invalid[rec.image_id] = (f"image_id {rec.image_id} appears more than once in the image index {path} "
-                                     f"({label.format(first_at[rec.image_id])} and {label.format(i)})")
-            continue
-        first_at[rec.image_id] = i
-        records[rec.image_id] = rec
-    for image_id in invalid:
-        records.pop(image_id, None)
+        ids.append(rec.image_id), names.append(rec.file_name), heights.append(rec.height or 0), widths.append(rec.width or 0)
+        at.append(i)
+    del entries
+    id_arr, at_arr = np.asarray(ids, np.int64), np.asarray(at, np.int64)
+    del ids
+    order = np.argsort(id_arr, kind="stable")
+    sorted_ids = id_arr[order]
+    repeated = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+    for image_id in np.unique(sorted_ids[repeated]).tolist():  # first and last of the entries with that id
+        where = at_arr[order[np.searchsorted(sorted_ids, image_id, "left"):np.searchsorted(sorted_ids, image_id, "right")]]
+        invalid[image_id] = (f"image_id {image_id} appears more than once in the image index {path} "
+                             f"({label.format(int(where.min()))} and {label.format(int(where.max()))})")
+    keep = ~np.isin(id_arr, np.asarray(sorted(invalid), np.int64)) if invalid else np.ones(len(id_arr), bool)
+    names_arr = pa.array(names, pa.string())
+    del names
+    records = ImageTable(id_arr[keep], names_arr.filter(pa.array(keep)), np.asarray(heights, np.int64)[keep],
+                         np.asarray(widths, np.int64)[keep])
     return ImageIndex(records, invalid, unattributable)
 
 

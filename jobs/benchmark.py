@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         ok = v <= t if k.startswith("peak") else v >= t
         print(f"{k:30} {v:6.2f}  target {'<=' if k.startswith('peak') else '>='} {t}  {'met' if ok else 'NOT met'}")
     print(f"{'(end to end at 4N / bare model':30} {res['end_to_end_4n_over_bare_model']:6.2f}  for scale, no target)")
+    mn, m4 = res["memory_n"], res["memory_4n"]
+    print(f"{'(peak PSS 4N / N':30} {res['peak_pss_4n_over_n']:6.2f}  {mn['peak_pss_mb']:.0f} -> {m4['peak_pss_mb']:.0f} MB; "
+          f"summed RSS {mn['peak_rss_mb']:.0f} -> {m4['peak_rss_mb']:.0f} MB, of it shared memory "
+          f"{mn['peak_rss_shmem_mb']:.0f} -> {m4['peak_rss_shmem_mb']:.0f} MB)")
     drv = res["driver"]["points"][-1]
     t = res["targets"]["driver_cpu_us_per_instance"]
     print(f"{'driver CPU us per instance':30} {drv['cpu_us_per_instance']:6.2f}  target <= {t}  "

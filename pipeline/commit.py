@@ -1,7 +1,7 @@
 """Commit and resume for the refinement job.
 
-A shard is the unit of commit: its key hashes everything its outputs depend on (instance rows,
-model with the checkpoint's content hash, config, input policies, each image's size and mtime).
+A shard is the unit of commit: its key hashes everything its outputs depend on (instance rows, each
+with its image's size and mtime, model with the checkpoint's content hash, config, input policies).
 The workers write a shard's parts under OUT/parts/shard-NNNNN/ (named by content); the driver
 writes OUT/_commits/shard-NNNNN.json, holding the key, last, once every instance of the shard is in
 a written part. A re-run skips shards whose marker holds the same key (unless they had read
@@ -20,48 +20,82 @@ from bpr_core.formats import InputError, JobFailed
 from . import storage
 
 
-def shard_key(table, model_id: str, config_hash: str, read_policy: str = "", image_stats: "ImageStats | None" = None) -> str:
+def shard_key(table, model_id: str, config_hash: str, read_policy: str = "") -> str:
     """What a shard's outputs depend on: its instance rows (the spill's sorted Arrow table, hashed
-    as its IPC bytes: no per-row work), the model (with its checkpoint's hash), the config, the input
-    policies, and each image's identity (size and modification time), so a replaced image is
-    refined again."""
+    as its IPC bytes: no per-row work; the rows carry each image's identity, size and modification
+    time, so a replaced image is refined again), the model (with its checkpoint's hash), the config
+    and the input policies."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     h = hashlib.sha256(f"{model_id}|{config_hash}|{read_policy}|".encode())
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table.combine_chunks())
     h.update(sink.getvalue())
-    if image_stats is not None:
-        for name in sorted(pc.unique(table["file_name"]).to_pylist()):
-            h.update(f"{name}={image_stats.get(name, 'missing')}|".encode())
     return h.hexdigest()[:16]
+
+
+# A file name that posixpath.normpath would change, or one outside the images root (absolute, URI).
+NOT_NORMAL = r"(^|/)\.\.?(/|$)|//|/$|^$|^/|://"
 
 
 class ImageStats:
     """Identity ("size:mtime_ns") of image file_names, from one recursive listing of the images
-    root (on S3, LIST calls of 1,000 keys, never a request per image); names outside the root
-    (--allow-absolute-paths) are looked up one by one. A missing file has none."""
+    root (on S3, LIST calls of 1,000 keys, never a request per image), held as two Arrow arrays;
+    names outside the root (--allow-absolute-paths) are looked up one by one. A missing file has
+    the identity "missing"."""
 
     def __init__(self, images_uri: str):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         root = storage.resolve(images_uri)
-        self.listed: dict[str, str] = {}
         try:
             infos = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True, allow_not_found=True))
         except OSError:
             infos = []
         prefix = root.path.rstrip("/") + "/"
+        paths, sizes, mtimes = [], [], []
         for info in infos:
-            if info.type == pafs.FileType.File and info.path.startswith(prefix):
-                self.listed[info.path[len(prefix):]] = f"{info.size}:{info.mtime_ns}"
+            if info.is_file:
+                paths.append(info.path), sizes.append(info.size), mtimes.append(info.mtime_ns)
+        del infos
+        paths = pa.array(paths, pa.string())
+        inside = pc.starts_with(paths, prefix)
+        self.names = pc.utf8_slice_codeunits(paths.filter(inside), len(prefix))
+        self.stamps = pc.binary_join_element_wise(pa.array(sizes, pa.int64()).filter(inside).cast(pa.string()),
+                                                  pa.array(mtimes, pa.int64()).filter(inside).cast(pa.string()), ":")
 
-    def get(self, name: str, default: str = "missing") -> str:
+    def identities(self, file_names) -> "pa.Array":
+        """The identity of each file name of an Arrow string array, as arrays: names already in
+        normal form are looked up in one vectorised hash join; others one by one (`get`)."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        found = pc.index_in(file_names, value_set=self.names)
+        ident = pc.fill_null(self.stamps.take(found), "missing")
+        odd = pc.fill_null(pc.match_substring_regex(file_names, NOT_NORMAL), True).to_numpy(zero_copy_only=False)
+        if not odd.any():
+            return ident
         import posixpath
 
-        rel = posixpath.normpath(name)
-        if rel in self.listed:
-            return self.listed[rel]
+        values = ident.to_pylist()
+        where = np.flatnonzero(odd)
+        names = file_names.take(pa.array(where)).to_pylist()
+        hits = pc.index_in(pa.array([posixpath.normpath(n or "") for n in names], pa.string()), value_set=self.names).to_pylist()
+        for k, name, hit in zip(where.tolist(), names, hits):
+            values[k] = self.stamps[hit].as_py() if hit is not None else self._outside_root(name or "")
+        return pa.array(values, pa.string())
+
+    def get(self, name: str) -> str:
+        """One name's identity."""
+        import pyarrow as pa
+
+        return self.identities(pa.array([name], pa.string()))[0].as_py()
+
+    @staticmethod
+    def _outside_root(name: str) -> str:
         if "://" in name or name.startswith("/"):
             try:
                 loc = storage.resolve(name)
@@ -70,7 +104,7 @@ class ImageStats:
                     return f"{info.size}:{info.mtime_ns}"
             except (OSError, InputError):
                 pass
-        return default
+        return "missing"
 
 
 def model_identity(method: str, checkpoint: str | None, card: dict) -> str:

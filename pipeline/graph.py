@@ -152,7 +152,7 @@ def input_blocks(table: pa.Table, shard: int, images_per_block: int) -> list[pa.
 
 
 def build(opts: RefineOptions, blocks: list, cfg: BPRConfig, card: dict, device: str, num_gpus: float,
-          out: storage.Location, pools: Pools):
+          out: storage.Location, pools: Pools, with_source: bool = False):
     """The dataset of receipts for the input blocks (Arrow tables or object refs to them)."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -169,6 +169,7 @@ def build(opts: RefineOptions, blocks: list, cfg: BPRConfig, card: dict, device:
                         batch_size=opts.instances_per_call, compute=ActorPoolStrategy(min_size=pools.refine[0], max_size=pools.refine[1]),
                         num_cpus=opts.refine_cpus, num_gpus=num_gpus, batch_format="numpy")
     return ds.map_batches(WriteParts, fn_constructor_args=(out.uri, cfg.to_dict(), str(card.get("name")),
-                                                           str(card.get("version", "")), cfg.config_hash()),
+                                                           str(card.get("version", "")), cfg.config_hash(),
+                                                           with_source),
                           batch_size=opts.instances_per_part, compute=ActorPoolStrategy(min_size=1, max_size=pools.write),
                           num_cpus=WRITE_CPUS, batch_format="numpy")

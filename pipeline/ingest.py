@@ -15,16 +15,18 @@ import sys
 from collections import defaultdict
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from bpr_core.formats import (INSTANCE_COLUMNS, REFINED_SCHEMA, ImageIndex, InputError, RecordError, invalid_row, iter_results_json,
-                              read_image_index, table_row)
+from bpr_core.formats import (INSTANCE_COLUMNS, INT64_MAX, REFINED_SCHEMA, ImageIndex, InputError, RecordError, invalid_row,
+                              iter_results_json, read_image_index, table_row)
 from bpr_core.refiner import make_patch_refiner
 
 from . import storage
+from .commit import ImageStats
 from .options import RefineOptions
 
 
@@ -66,7 +68,8 @@ def check_model(opts: RefineOptions) -> None:
 
 SPILL_SCHEMA = pa.schema([(n, REFINED_SCHEMA.field(n).type) for n in INSTANCE_COLUMNS]
                          + [("source_file", pa.string()), ("position", pa.int64()), ("detector_fields", pa.string()),
-                            ("file_name", pa.string())])
+                            ("file_name", pa.string()),
+                            ("image_identity", pa.string())])  # the image file's size:mtime (part of the shard key)
 SPILL_ORDER = [("image_id", "ascending"), ("instance_id", "ascending"), ("source_file", "ascending"), ("position", "ascending")]
 
 
@@ -83,27 +86,40 @@ class ShardSpill:
         import tempfile
 
         self.dir = tempfile.mkdtemp(prefix="bpr-refine-")
+        self.sources: list[str] = []  # the input files, in reading order
         self.counts = [0] * n_shards
         self.images = [0] * n_shards  # images with at least one instance, per shard (set when read)
         self._files: list[int] = [0] * n_shards
         self._buf: dict[int, list[dict]] = defaultdict(list)
+        self._tables: dict[int, list[pa.Table]] = defaultdict(list)
         self._buffered, self.buffer_rows = 0, buffer_rows
 
     def add(self, shard: int, row: dict) -> None:
         self._buf[shard].append(row)
-        self.counts[shard] += 1
-        self._buffered += 1
+        self._added(shard, 1)
+
+    def add_table(self, shard: int, table: pa.Table) -> None:
+        """Rows of one shard as an Arrow table of SPILL_SCHEMA (the columnar path: no per-row work)."""
+        self._tables[shard].append(table)
+        self._added(shard, table.num_rows)
+
+    def _added(self, shard: int, n: int) -> None:
+        self.counts[shard] += n
+        self._buffered += n
         if self._buffered >= self.buffer_rows:
             self.flush()
 
     def flush(self) -> None:
         for shard, rows in self._buf.items():
-            table = pa.Table.from_pylist(rows, schema=SPILL_SCHEMA)
+            self._tables[shard].append(pa.Table.from_pylist(rows, schema=SPILL_SCHEMA))
+        for shard, tables in self._tables.items():
+            table = pa.concat_tables(tables)
             with pa.OSFile(os.path.join(self.dir, f"{shard}-{self._files[shard]}.arrow"), "wb") as sink:
                 with pa.ipc.new_stream(sink, SPILL_SCHEMA) as writer:
                     writer.write_table(table)
             self._files[shard] += 1
         self._buf.clear()
+        self._tables.clear()
         self._buffered = 0
 
     def __len__(self) -> int:
@@ -132,7 +148,7 @@ class ShardSpill:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-INT_TYPES = (pa.types.is_integer, pa.types.is_floating)  # floats are checked per row for exact integers
+INT_TYPES = (pa.types.is_integer, pa.types.is_floating)  # floats must hold integral values (checked as arrays)
 COLUMN_TYPES = {"image_id": INT_TYPES, "instance_id": INT_TYPES, "category_id": INT_TYPES, "rle_h": INT_TYPES,
                 "rle_w": INT_TYPES, "score": INT_TYPES, "rle_counts": (pa.types.is_string, pa.types.is_large_string)}
 
@@ -147,9 +163,54 @@ def _table_files(loc: storage.Location) -> list[storage.Location]:
     return [loc]
 
 
-def _iter_table_file(loc: storage.Location) -> Iterator[dict]:
-    """Rows of one Parquet file, validated one by one. A file whose schema cannot hold instances
-    (a missing column, a string image_id column) is malformed and fails the job before any work."""
+INPUT_SCHEMA = pa.schema([f for f in SPILL_SCHEMA if f.name not in ("file_name", "image_identity")])  # validated rows before the index
+BATCH_ROWS = 65_536  # rows per columnar step (Parquet batches; results-JSON rows are gathered into tables of this size)
+
+
+def _exact_ints(arr: pa.Array, minimum: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A column -> (which rows certainly pass `exact_int`, their values as int64). Rows not marked
+    are checked one by one (`table_row`), which gives the exact reason, so this only has to be
+    sure about the rows it accepts."""
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(arr.type):
+        if arr.type == pa.uint64():
+            valid &= pc.fill_null(pc.less_equal(arr, pa.scalar(INT64_MAX, pa.uint64())), False).to_numpy(zero_copy_only=False)
+            arr = pc.if_else(pa.array(valid), arr, pa.scalar(0, arr.type))
+        values = pc.fill_null(arr, 0).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    else:
+        x = pc.fill_null(arr.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+        with np.errstate(invalid="ignore"):
+            valid &= np.isfinite(x) & (x == np.floor(x)) & (x >= -(2.0 ** 63)) & (x < 2.0 ** 63)
+        values = np.where(valid, x, 0).astype(np.int64)
+    if minimum is not None:
+        valid &= values >= minimum
+    return valid, values
+
+
+def _columnar(batch: pa.RecordBatch) -> tuple[np.ndarray, dict[str, pa.Array]]:
+    """One Parquet batch validated column by column: (rows that pass every field check, the
+    columns in INSTANCE_SCHEMA's types)."""
+    ok = np.ones(batch.num_rows, bool)
+    cols: dict[str, pa.Array] = {}
+    for name, minimum in (("image_id", None), ("instance_id", 0), ("category_id", None), ("rle_h", 1), ("rle_w", 1)):
+        valid, values = _exact_ints(batch.column(name), minimum)
+        ok &= valid
+        cols[name] = pa.array(values, pa.int64())
+    score = batch.column("score")
+    x = pc.fill_null(score.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+    ok &= np.isfinite(x)
+    cols["score"] = pa.array(x, pa.float64())
+    counts = batch.column("rle_counts")
+    ok &= counts.is_valid().to_numpy(zero_copy_only=False)
+    cols["rle_counts"] = counts.cast(pa.string())
+    return ok, cols
+
+
+def _table_batches(loc: storage.Location) -> Iterator[tuple[pa.Table, list[dict]]]:
+    """One Parquet file in columnar steps: (a table of the rows that pass every check, with
+    source_file and position; the other rows one by one as `table_row` reads them: valid rows as
+    dicts, bad ones with an `invalid` reason). A file whose schema cannot hold instances (a missing
+    column, a string image_id column) is malformed and fails the job before any work."""
     try:
         pf = pq.ParquetFile(loc.fs.open_input_file(loc.path))
     except (OSError, pa.ArrowInvalid) as e:
@@ -164,68 +225,156 @@ def _iter_table_file(loc: storage.Location) -> Iterator[dict]:
             want = "a string" if col == "rle_counts" else "an integer or float"
             raise InputError(f"instance table {loc.uri}: column {col} has type {t}; expected {want} column")
     position = 0
-    for batch in pf.iter_batches(columns=INSTANCE_COLUMNS, batch_size=8192):
-        for raw in batch.to_pylist():
+    for batch in pf.iter_batches(columns=INSTANCE_COLUMNS, batch_size=BATCH_ROWS):
+        n = batch.num_rows
+        ok, cols = _columnar(batch)
+        positions = np.arange(position, position + n, dtype=np.int64)
+        keep = pa.array(ok)
+        good = pa.table({**{c: cols[c].filter(keep) for c in INSTANCE_COLUMNS},
+                         "source_file": pa.repeat(pa.scalar(loc.uri, pa.string()), int(ok.sum())),
+                         "position": pa.array(positions[ok]),
+                         "detector_fields": pa.nulls(int(ok.sum()), pa.string())}, schema=INPUT_SCHEMA)
+        others = []
+        for k in np.flatnonzero(~ok).tolist():  # one by one, for the exact reason
+            raw = batch.slice(k, 1).to_pylist()[0]
             try:
                 row = table_row(raw)
             except RecordError as e:
-                row = invalid_row(position, f"{loc.uri} row {position}: {e}", raw)
-            row["position"] = position
-            row.setdefault("detector_fields", None)
-            position += 1
-            yield row
+                row = invalid_row(position + k, f"{loc.uri} row {position + k}: {e}", raw)
+            row.update(source_file=loc.uri, position=position + k, detector_fields=None)
+            others.append(row)
+        position += n
+        yield good, others
 
 
-def _iter_instances(coarse_loc: storage.Location, index: ImageIndex, sources: list[str]) -> "Iterator[dict]":
-    """Instance rows from a results JSON (plain or gzip) or a Parquet file or dataset, each with its
-    source_file and position; a bad record comes as a row with an `invalid` reason."""
+def _json_batches(loc: storage.Location, index: ImageIndex) -> Iterator[tuple[pa.Table, list[dict]]]:
+    """A results JSON (plain or gzip), streamed entry by entry (each entry is validated by
+    `iter_results_json`), in steps of BATCH_ROWS entries: (a table of the valid ones, the bad ones
+    with an `invalid` reason)."""
+    with loc.fs.open_input_stream(loc.path, compression=None) as raw:  # streamed, local or object store
+        rows, bad = [], []
+        for position, row in enumerate(iter_results_json(raw, index.records, name=loc.uri, strict=False)):
+            row["source_file"], row["position"] = loc.uri, position
+            (bad if "invalid" in row else rows).append(row)
+            if len(rows) + len(bad) >= BATCH_ROWS:
+                yield pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), bad
+                rows, bad = [], []
+        yield pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), bad
+
+
+def _batches(coarse_loc: storage.Location, index: ImageIndex, sources: list[str]) -> Iterator[tuple[pa.Table, list[dict]]]:
+    """Instance rows from a results JSON or a Parquet file or dataset, each with its source_file
+    and position, in steps: (validated rows as a table, other rows as dicts)."""
     if coarse_loc.path.lower().endswith((".json", ".json.gz")):
         sources.append(coarse_loc.uri)
-        with coarse_loc.fs.open_input_stream(coarse_loc.path, compression=None) as raw:  # streamed, local or object store
-            for position, row in enumerate(iter_results_json(raw, index.records, name=coarse_loc.uri, strict=False)):
-                row["source_file"], row["position"] = coarse_loc.uri, position
-                yield row
+        yield from _json_batches(coarse_loc, index)
         return
     for loc in _table_files(coarse_loc):
         sources.append(loc.uri)
-        for row in _iter_table_file(loc):
-            row["source_file"] = loc.uri
-            yield row
+        yield from _table_batches(loc)
 
 
-def prepare_shards(opts: RefineOptions) -> tuple[ShardSpill, list[dict], int]:
-    """Stream the instances, validate them record by record against the index, and spill them by
-    shard. One rule for every bad record: quarantined with a reason naming file, position and field;
-    the job goes on. Only a malformed file (or option) stops it, before any work.
+class ArrowIndex:
+    """The image index as arrays: the usable image ids sorted (an image's rank = its position, which
+    decides its shard) with their file names and file identities (size:mtime from one listing of
+    the images root), and the ids whose entry is unusable with the reason. Looking rows up is a
+    vectorised binary search, with no per-row work."""
 
-    Returns (shards, quarantined rows, number of input instances); `shards.sources` lists the input files.
+    def __init__(self, index: ImageIndex, stats: ImageStats):
+        self.ids, self.file_names = index.records.sorted_ids, index.records.sorted_file_names
+        self.identities = stats.identities(self.file_names)
+        self.invalid = index.invalid
+        self._invalid_ids = np.asarray(sorted(index.invalid), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rank(self, image_ids: np.ndarray) -> np.ndarray:
+        """Each id's rank among the usable ids, -1 where it has no usable entry."""
+        if not len(self.ids):
+            return np.full(len(image_ids), -1, np.int64)
+        r = np.minimum(np.searchsorted(self.ids, image_ids), len(self.ids) - 1)
+        r[self.ids[r] != image_ids] = -1
+        if len(self._invalid_ids):
+            r[np.isin(image_ids, self._invalid_ids)] = -1
+        return r
+
+
+def _index_reason(row: dict, index: ArrowIndex, opts: RefineOptions) -> str | None:
+    """Why a validated row cannot be refined, as far as the image index can tell (else None)."""
+    image_id, limit = row["image_id"], opts.max_image_pixels
+    if image_id in index.invalid:
+        return f"unusable image index entry: {index.invalid[image_id]}"
+    if not (len(index) and index.ids[min(np.searchsorted(index.ids, image_id), len(index) - 1)] == image_id):
+        return f"image_id {image_id} is not in the image index {opts.image_info}"
+    if limit and row["rle_h"] * row["rle_w"] > limit:
+        return (f"mask RLE is {row['rle_h']}x{row['rle_w']} ({row['rle_h'] * row['rle_w'] / 1e6:.1f} MP), "
+                f"over the pixel limit of {limit / 1e6:g} MP (--max-image-pixels)")
+    return None
+
+
+def _route(table: pa.Table, index: ArrowIndex, opts: RefineOptions, shards: "ShardSpill", quarantined: list[dict]) -> None:
+    """Validated rows -> their shard's spill (with the image's file name), or quarantined with the
+    index's reason, all as column operations; only rejected rows are looked at one by one."""
+    if not table.num_rows:
+        return
+    image_ids = table["image_id"].combine_chunks().to_numpy()  # (a ChunkedArray's to_numpy is slow)
+    rank = index.rank(image_ids)
+    bad = rank < 0
+    if opts.max_image_pixels:
+        pixels = table["rle_h"].combine_chunks().to_numpy().astype(np.float64) * table["rle_w"].combine_chunks().to_numpy()
+        bad |= pixels > opts.max_image_pixels
+    if bad.any():
+        for row in table.filter(pa.array(bad)).to_pylist():
+            quarantined.append({**row, "status": "quarantined", "reason": _index_reason(row, index, opts)})
+        keep = pa.array(~bad)
+        table, rank = table.filter(keep), rank[~bad]
+    shard = rank // opts.shard_size
+    order = np.argsort(shard, kind="stable")
+    ranks = pa.array(rank[order])
+    table = table.take(order).append_column("file_name", index.file_names.take(ranks)).append_column(
+        "image_identity", index.identities.take(ranks))
+    shard = shard[order]
+    cuts = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1], True])
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        shards.add_table(int(shard[a]), table.slice(a, b - a))
+
+
+def index_images(opts: RefineOptions) -> tuple[ImageIndex, ArrowIndex]:
+    """The image index as read (for the results-JSON reader's polygon sizes) and as arrays with each
+    image's file identity from one listing of the images root: the driver's per-image work."""
+    records = _load_index(storage.resolve(opts.image_info))
+    for problem in records.unattributable[:5]:
+        _progress(f"warning: {problem} (entry ignored)")
+    return records, ArrowIndex(records, ImageStats(opts.images))
+
+
+def prepare_shards(opts: RefineOptions, indexed: tuple[ImageIndex, ArrowIndex] | None = None) -> tuple[ShardSpill, list[dict], int]:
+    """Stream the instances, validate them against the index, and spill them by shard, column by
+    column (a Parquet input is validated as arrays; a results JSON entry by entry as it is parsed).
+    One rule for every bad record: quarantined with a reason naming file, position and field; the
+    job goes on. Only a malformed file (or option) stops it, before any work.
+
+    Returns (shards, quarantined rows in input order, number of input instances); `shards.sources`
+    lists the input files. `indexed`: index_images(opts), when already done.
     """
     check_inputs(opts)
-    index_loc, coarse_loc = storage.resolve(opts.image_info), storage.resolve(opts.coarse)
-    index = _load_index(index_loc)
-    for problem in index.unattributable[:5]:
-        _progress(f"warning: {problem} (entry ignored)")
-    ranks = {image_id: r for r, image_id in enumerate(sorted(index.records))}
-    shards = ShardSpill((len(ranks) + opts.shard_size - 1) // opts.shard_size)
-    shards.sources = []
+    records, index = indexed or index_images(opts)
+    shards = ShardSpill((len(index) + opts.shard_size - 1) // opts.shard_size)
     quarantined, n_in = [], 0
-    limit = opts.max_image_pixels
-    for row in _iter_instances(coarse_loc, index, shards.sources):
-        n_in += 1
-        reason = row.pop("invalid", None)
-        if reason is None:
-            image_id = row["image_id"]
-            if image_id in index.invalid:
-                reason = f"unusable image index entry: {index.invalid[image_id]}"
-            elif image_id not in ranks:
-                reason = f"image_id {image_id} is not in the image index {opts.image_info}"
-            elif limit and row["rle_h"] * row["rle_w"] > limit:
-                reason = (f"mask RLE is {row['rle_h']}x{row['rle_w']} ({row['rle_h'] * row['rle_w'] / 1e6:.1f} MP), "
-                          f"over the pixel limit of {limit / 1e6:g} MP (--max-image-pixels)")
-        if reason:
-            quarantined.append({**row, "status": "quarantined", "reason": reason})
-            continue
-        row["file_name"] = index.records[row["image_id"]].file_name
-        shards.add(ranks[row["image_id"]] // opts.shard_size, row)
+    for table, others in _batches(storage.resolve(opts.coarse), records, shards.sources):
+        n_in += table.num_rows + len(others)
+        valid = []
+        for row in others:
+            reason = row.pop("invalid", None)
+            if reason:
+                quarantined.append({**row, "status": "quarantined", "reason": reason})
+            else:
+                valid.append(row)
+        if valid:
+            table = pa.concat_tables([table, pa.Table.from_pylist(valid, schema=INPUT_SCHEMA)])
+        _route(table, index, opts, shards, quarantined)
     shards.flush()
+    source_rank = {s: k for k, s in enumerate(shards.sources)}
+    quarantined.sort(key=lambda r: (source_rank.get(r.get("source_file"), -1), r.get("position") or 0))
     return shards, quarantined, n_in

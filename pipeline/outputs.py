@@ -9,13 +9,16 @@ import logging
 from collections import defaultdict
 from dataclasses import asdict
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bpr_core.formats import REFINED_SCHEMA, row_to_result
 
 from . import storage
-from .stages import is_read_failure
+from .stages import RESULT_JSON, is_read_failure, part_schema
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,47 @@ def read_parts(loc: storage.Location) -> pa.Table:
     if not tables:
         return REFINED_SCHEMA.empty_table()
     return pa.concat_tables([t.select(REFINED_SCHEMA.names).cast(REFINED_SCHEMA) for t in tables])
+
+
+OUTPUT_ORDER = [("image_id", "ascending"), ("instance_id", "ascending"), ("source_file", "ascending"), ("position", "ascending")]
+
+
+KEY_COLUMNS = ["image_id", "instance_id", "source_file", "position", "status", RESULT_JSON]  # what assembly reads
+
+
+def shard_results(loc: storage.Location, with_source: bool, columns: list[str] | None = None) -> pa.Table:
+    """A committed shard's parts as one table in output order, with each row's refined.json entry
+    (serialised by the worker that wrote the part; computed here only for parts written before
+    parts carried it). `columns`: read only those (and the order keys), default all."""
+    columns = columns or part_schema().names
+    schema = pa.schema([part_schema().field(c) for c in columns])
+    tables = []
+    for f in storage.list_files(loc, ".parquet"):
+        with f.fs.open_input_file(f.path) as fh:
+            pf = pq.ParquetFile(fh, pre_buffer=not isinstance(f.fs, pafs.LocalFileSystem))  # pre-buffering helps S3 only
+            if RESULT_JSON in pf.schema_arrow.names:
+                t = pf.read(columns=columns, use_threads=False)
+            else:
+                t = pf.read(use_threads=False).select(REFINED_SCHEMA.names).cast(REFINED_SCHEMA)
+                entries = [json.dumps(row_to_result(r, with_source), separators=(",", ":")) for r in t.to_pylist()]
+                t = t.append_column(RESULT_JSON, pa.array(entries, pa.string())).select(columns)
+        tables.append(t if t.schema.equals(schema) else t.cast(schema))
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables).sort_by(OUTPUT_ORDER).combine_chunks()
+
+
+def count_duplicates(table: pa.Table) -> int:
+    """Rows of one input row, (source file, position), more than once. In output order an input
+    row's copies are adjacent (they share image and instance id too), so neighbours are compared."""
+    if table.num_rows < 2:
+        return 0
+    pos = table["position"].combine_chunks().to_numpy()  # (a ChunkedArray's to_numpy costs ~1 ms per call)
+    k = np.flatnonzero(pos[1:] == pos[:-1])  # positions repeat rarely: compare the file names only there
+    if not len(k):
+        return 0
+    sources = table["source_file"]
+    return sum(a == b for a, b in zip(sources.take(pa.array(k)).to_pylist(), sources.take(pa.array(k + 1)).to_pylist()))
 
 
 def reason_kind(reason: str) -> str:
@@ -55,7 +99,7 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
     segmentation, a non-numeric id) are in quarantine.parquet alone."""
     counts = defaultdict(int)
     kinds: dict[str, int] = defaultdict(int)
-    with_source = len(getattr(shards, "sources", [])) > 1
+    with_source = len(shards.sources) > 1
     duplicates = read_failures = in_json = 0
     quarantine_rows = [{k: r.get(k) for k in REFINED_SCHEMA.names} for r in prep_quarantine]
     for r in quarantine_rows:
@@ -71,27 +115,27 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
     with storage.AtomicWriter(out.join("refined.json")) as f:
         f.write("[")
 
-        def emit(row) -> None:
+        def emit(entries: list[str]) -> None:
             nonlocal in_json
-            f.write(("," if in_json else "") + "\n" + json.dumps(row_to_result(row, with_source), separators=(",", ":")))
-            in_json += 1
+            if entries:
+                f.write(("," if in_json else "") + "\n" + ",\n".join(entries))
+                in_json += len(entries)
 
         for i in range(len(shards)):
-            table = read_parts(out.join("parts", f"shard-{i:05d}")).sort_by(
-                [("image_id", "ascending"), ("instance_id", "ascending"), ("source_file", "ascending"), ("position", "ascending")])
-            seen: set = set()  # an input row is (source file, position); a shard holds all of an image's rows
-            for row in table.to_pylist():
-                k = (row["source_file"], row["position"])
-                duplicates += k in seen
-                seen.add(k)
-                counts[row["status"]] += 1
-                if row["status"] == "quarantined":
-                    quarantine_rows.append(row)
-                emit(row)
+            loc = out.join("parts", f"shard-{i:05d}")
+            table = shard_results(loc, with_source, KEY_COLUMNS)
+            duplicates += count_duplicates(table)
+            statuses = {s.as_py(): n.as_py() for s, n in zip(*pc.value_counts(table["status"]).flatten())}
+            for status, n in statuses.items():
+                counts[status] += n
+            if statuses.get("quarantined"):  # rare: read the whole rows of this shard for quarantine.parquet
+                full = shard_results(loc, with_source)
+                quarantine_rows.extend(full.filter(pc.equal(full["status"], "quarantined")).select(REFINED_SCHEMA.names).to_pylist())
+            emit(table[RESULT_JSON].to_pylist())
         for row in quarantine_rows[: len(prep_quarantine)]:  # stopped before sharding: pass those with a mask through
             row["status"] = "quarantined"
             if representable(row):
-                emit(row)
+                emit([json.dumps(row_to_result(row, with_source), separators=(",", ":"))])
         f.write("\n]\n")
     for row in quarantine_rows:
         kinds[reason_kind(row["reason"] or "")] += 1

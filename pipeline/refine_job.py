@@ -79,14 +79,15 @@ def _run(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, leas
     device, num_gpus = graph.resources(opts)
     pools = graph.plan_pools(opts, device)
     ledger = ShardLedger(out, opts.max_unreadable_share, lease)
-    stats = ImageStats(opts.images)
+    with_source = len(shards.sources) > 1  # refined.json entries then name their source file
+    policy = opts.read_policy() + f";with_source={int(with_source)}"
     keys, blocks, pending, skipped = [], [], [], 0
     done_images = done_instances = 0
     # Keys first (a shard's rows are read from the spill one shard at a time): committed shards are
     # skipped, the others' rows go to the object store as blocks of whole images.
     for i in range(len(shards)):
         table = shards.table(i)
-        key = shard_key(table, model_id, cfg.config_hash(), opts.read_policy(), stats)
+        key = shard_key(table, model_id, cfg.config_hash(), policy)
         keys.append(key)
         if ledger.is_done(i, key):
             skipped += 1
@@ -118,7 +119,7 @@ def _run(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, leas
             commit(i)
         if blocks:
             with graph.memory_budget(pools.object_store_bytes):
-                ds = graph.build(opts, blocks, cfg, card, device, num_gpus, out, pools)
+                ds = graph.build(opts, blocks, cfg, card, device, num_gpus, out, pools, with_source)
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
                     for shard, n, patches, failed, names in zip(batch["shard"], batch["instances"], batch["patches"],
                                                                 batch["failed_images"], batch["actors"]):

@@ -293,6 +293,18 @@ def finish_row(row: dict, cfg: BPRConfig, provenance: dict) -> dict:
     return out
 
 
+RESULT_JSON = "result_json"  # a part's column holding each row's refined.json entry, serialised
+
+
+def part_schema():
+    """The schema of a written part: REFINED_SCHEMA plus the serialised refined.json entry."""
+    import pyarrow as pa
+
+    from bpr_core.formats import REFINED_SCHEMA
+
+    return REFINED_SCHEMA.append(pa.field(RESULT_JSON, pa.string()))
+
+
 def part_name(rows: list[dict]) -> str:
     """A part's file name from its content: the instances it holds (source file and position)."""
     h = hashlib.sha256()
@@ -308,15 +320,17 @@ class WriteParts:
     file). Returns one small receipt per part for the driver's commit bookkeeping: the shard, its
     instance and patch counts, and the images that could not be read."""
 
-    def __init__(self, out_uri: str, config: dict, model_name: str, model_version: str, config_hash: str):
+    def __init__(self, out_uri: str, config: dict, model_name: str, model_version: str, config_hash: str,
+                 with_source: bool = False):
         self.out_uri, self.cfg = out_uri, BPRConfig.from_dict(config)
         self.provenance = {"model_name": model_name, "model_version": model_version, "config_hash": config_hash}
+        self.with_source = with_source  # refined.json entries name their source file (inputs of several files)
 
     def __call__(self, batch: dict) -> dict:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from bpr_core.formats import REFINED_SCHEMA
+        from bpr_core.formats import row_to_result
 
         from .storage import write_bytes_atomic
 
@@ -324,6 +338,8 @@ class WriteParts:
         by_shard: dict[int, list[dict]] = {}
         for i in range(n):
             row = finish_row({k: batch[k][i] for k in batch}, self.cfg, self.provenance)
+            # The row's refined.json entry, serialised here by the worker: the driver only concatenates.
+            row[RESULT_JSON] = json.dumps(row_to_result(row, self.with_source), separators=(",", ":"))
             by_shard.setdefault(int(batch["shard"][i]), []).append(row)
         receipts = {"shard": [], "part": [], "instances": [], "patches": [], "failed_images": [], "actors": []}
         actors = sorted({str(a) for col in ("extract_actor", "refine_actor") if col in batch for a in batch[col]})
@@ -332,7 +348,7 @@ class WriteParts:
             rows.sort(key=lambda r: (r["image_id"], r["instance_id"], r["source_file"], r["position"]))
             name = part_name(rows)
             buf = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(rows, schema=REFINED_SCHEMA), buf)
+            pq.write_table(pa.Table.from_pylist(rows, schema=part_schema()), buf)
             write_bytes_atomic(out.join("parts", f"shard-{shard:05d}", name), buf.getvalue())
             failed: dict[str, list] = {}  # image_id -> [its first read error, instances on it]
             for r in rows:

@@ -91,6 +91,16 @@ def test_killed_run_resumes_to_the_same_output_without_duplicates(tmp_path, synt
     lines = log.splitlines()
     assert not [l for l in lines if "ERROR" in l or "WARNING" in l or "\tINFO " in l or "core_worker" in l], log
     assert any(l.startswith("30/30 images (100%)") and "img/s" in l and "ETA 0s" in l for l in lines), log
+    # The killed run reads a copy of the images in which the last shard's last image is a FIFO: its
+    # extraction blocks until killed, so the run is always killed mid-flight, whatever the timing.
+    images = tmp_path / "images"
+    shutil.copytree(synth30 / "images", images)
+    index = json.loads((synth30 / "annotations.json").read_text())["images"]
+    last = images / max(index, key=lambda im: im["id"])["file_name"]
+    last.unlink()
+    os.mkfifo(last)
+    common = [images if a == str(synth30 / "images") else a for a in common]
+    common = [str(a) for a in common]
     proc = run_refine_subprocess(common + ["--out", str(out)], {"BPR_RAY_TEMP_DIR": temp + "b"}, wait=False)
     try:
         deadline = time.time() + 240
@@ -100,7 +110,10 @@ def test_killed_run_resumes_to_the_same_output_without_duplicates(tmp_path, synt
     finally:
         kill_tree(proc, temp + "b")
     commits = sorted(p.name for p in (out / "_commits").iterdir())
-    assert 1 <= len(commits) < 15 and json.loads((out / "manifest.json").read_text())["status"] == "in_progress"
+    assert 1 <= len(commits) < 15 and "shard-00014.json" not in commits
+    assert json.loads((out / "manifest.json").read_text())["status"] == "in_progress"
+    last.unlink()
+    shutil.copy2(synth30 / "images" / last.name, last)
     rc, log = run_refine_subprocess(common + ["--out", str(out)], {"BPR_RAY_TEMP_DIR": temp + "c"})
     assert rc == 0, log
     assert f"({len(commits)} already done)" in log and "30/30 images (100%)" in log

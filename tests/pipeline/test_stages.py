@@ -112,3 +112,33 @@ def test_the_stages_give_the_refiner_masks(tmp_path, synthetic_small, method):
             assert rle_utils.encode(m)["counts"] == part[r["position"]]["rle_counts"]
             changed += part[r["position"]]["rle_counts"] != r["rle_counts"]
     assert changed > 0  # the refiner did change masks, so the equality above means something
+
+
+def test_parts_carry_each_refined_json_entry_and_older_parts_without_it_give_the_same(tmp_path, synthetic_small):
+    """The worker serialises each row's refined.json entry into its part; assembly only joins them.
+    A part written before parts carried the entry (no result_json column) is assembled the same."""
+    import pyarrow as pa
+
+    from bpr_core.formats import REFINED_SCHEMA, row_to_result
+    from pipeline import storage
+    from pipeline.outputs import KEY_COLUMNS, count_duplicates, shard_results
+
+    rows = _rows(synthetic_small)
+    _, _, receipts = _flow(synthetic_small, rows, tmp_path / "out")
+    shard = storage.resolve(str(tmp_path / "out" / "parts" / "shard-00003"))
+    new = shard_results(shard, False, KEY_COLUMNS)
+    full = shard_results(shard, False).to_pylist()
+    assert new.num_rows == len(rows) and count_duplicates(new) == 0
+    assert new["result_json"].to_pylist() == [json.dumps(row_to_result(r), separators=(",", ":")) for r in full]
+    assert [(r["image_id"], r["instance_id"]) for r in full] == sorted((r["image_id"], r["instance_id"]) for r in full)
+    # the same part without the column (an older version's part)
+    path = tmp_path / "out" / "parts" / "shard-00003" / receipts["part"][0]
+    pq.write_table(pq.read_table(path).select(REFINED_SCHEMA.names), path)
+    old = shard_results(shard, False, KEY_COLUMNS)
+    assert old.equals(new)
+    # a row twice (a part written twice under two names) is counted as a duplicate
+    (path.parent / "part-copy.parquet").write_bytes(path.read_bytes())
+    assert count_duplicates(shard_results(shard, False, KEY_COLUMNS)) == len(rows)
+    # several source files: entries name their file (the flag is the worker's, from the job)
+    assert json.loads(shard_results(shard, True, KEY_COLUMNS)["result_json"][0].as_py())["source_file"] == "coarse.json"
+    assert pa.types.is_string(new.schema.field("result_json").type)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bpr_core import rle
-from bpr_core.formats import InputError
+from bpr_core.formats import REFINED_SCHEMA, InputError
 from jobs import refine
 
 from .test_bad_inputs import H, W, _img, _mask
@@ -64,7 +64,7 @@ def _refine(root, coarse, index, *extra, out="out"):
 def _all_rows(out):
     """Every output row (parts: anything that reached a shard; quarantine.parquet: all quarantined),
     keyed by (source_file, position)."""
-    rows = pq.read_table(out / "parts").to_pylist() if (out / "parts").exists() else []
+    rows = pq.read_table(out / "parts").select(REFINED_SCHEMA.names).to_pylist() if (out / "parts").exists() else []
     rows += [q for q in pq.read_table(out / "quarantine.parquet").to_pylist() if q["status"] == "quarantined" and q not in rows]
     by_pos = {}
     for r in rows:

@@ -1,0 +1,152 @@
+"""The driver's columnar ingest without Ray: Parquet inputs validated as arrays, the image index
+held as arrays, image identities from one listing. Each is checked against the per-record rules
+(`table_row`, `_index_entry`, posixpath.normpath) it replaces, row by row."""
+
+import json
+import os
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bpr_core.formats import INSTANCE_COLUMNS, RecordError, _index_entry, exact_int, read_image_index, table_row
+from pipeline.commit import ImageStats
+from pipeline.ingest import prepare_shards
+from pipeline.options import RefineOptions
+
+RLE = "b04400000>"  # a 4x4 square in an 8x8 mask
+
+
+def _index(root, n_images):
+    (root / "images").mkdir()
+    images = [{"id": i, "file_name": f"{i}.png", "height": 8, "width": 8} for i in range(1, n_images + 1)]
+    (root / "index.json").write_text(json.dumps({"images": images}))
+    for i in range(1, n_images + 1):
+        (root / "images" / f"{i}.png").write_bytes(b"x" * i)
+
+
+def test_parquet_columns_are_validated_exactly_as_row_by_row(tmp_path):
+    """Every kind of column type and bad value, in one file read in several batches: the rows that
+    reach a shard and the quarantined ones with their reasons equal what table_row says row by row."""
+    _index(tmp_path, 40)
+    n = 200
+    rng = np.random.default_rng(0)
+    image_id = rng.integers(1, 46, n).astype(np.float64)  # 41..45 are not in the index
+    image_id[[3, 17]] = [2.5, np.nan]
+    instance_id = np.arange(n, dtype=np.uint64)
+    instance_id[5] = 2 ** 63  # over int64
+    category = pa.array([1] * n, pa.int32())
+    score = rng.random(n)
+    score[[7, 8]] = [np.inf, np.nan]
+    h = pa.array([8] * 190 + [None, 0, -3, 8, 8, 8, 8, 8, 8, 8], pa.int64())
+    w = pa.array([8.0] * 195 + [8.5, 1e30, 8.0, None, 8.0])
+    counts = pa.array([RLE] * 198 + [None, RLE], pa.large_string())
+    table = pa.table({"image_id": image_id, "instance_id": instance_id, "category_id": category, "score": score,
+                      "rle_counts": counts, "rle_h": h, "rle_w": w})
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=64)
+    opts = RefineOptions(images=str(tmp_path / "images"), coarse=str(tmp_path / "in.parquet"),
+                         image_info=str(tmp_path / "index.json"), out=str(tmp_path / "out"), method="identity", shard_size=7)
+    shards, quarantined, n_in = prepare_shards(opts)
+    try:
+        spilled = {r["position"]: r for i in range(len(shards)) for r in shards[i]}
+        assert n_in == n == len(spilled) + len(quarantined)
+        assert [q["position"] for q in quarantined] == sorted(q["position"] for q in quarantined)  # input order
+        quarantined = {q["position"]: q for q in quarantined}
+        uri = shards.sources[0]
+        for pos, raw in enumerate(table.to_pylist()):
+            try:
+                want = table_row(raw)
+            except RecordError as e:
+                assert quarantined[pos]["reason"] == f"{uri} row {pos}: {e}"
+                continue
+            if not 1 <= want["image_id"] <= 40:
+                assert quarantined[pos]["reason"].startswith(f"image_id {want['image_id']} is not in the image index")
+                continue
+            got = spilled[pos]
+            assert {k: got[k] for k in INSTANCE_COLUMNS} == want and type(got["score"]) is float
+            assert got["file_name"] == f"{want['image_id']}.png" and got["image_identity"].startswith(f"{want['image_id']}:")
+        assert len(quarantined) >= 12 and len(spilled) > 100
+        # each shard holds the images of its id range (7 usable image ids per shard)
+        for i in range(len(shards)):
+            assert {(r["image_id"] - 1) // 7 for r in shards[i]} <= {i}
+    finally:
+        shards.close()
+
+
+def _reference_index(entries):
+    """The entry-by-entry reading the array version replaces (records in index order, invalid ids
+    with the reason)."""
+    records, first_at, invalid = {}, {}, {}
+    for i, entry in enumerate(entries):
+        try:
+            rec = _index_entry(entry, "id", "file_name")
+        except RecordError as e:
+            try:
+                bad = exact_int(entry.get("id"), "id") if isinstance(entry, dict) else None
+            except RecordError:
+                bad = None
+            if bad is not None:
+                invalid.setdefault(bad, f"images[{i}]: {e}")
+            continue
+        if rec.image_id in first_at:
+            invalid[rec.image_id] = f"{first_at[rec.image_id]},{i}"
+            continue
+        first_at[rec.image_id] = i
+        records[rec.image_id] = rec
+    for image_id in invalid:
+        records.pop(image_id, None)
+    return records, invalid
+
+
+def test_image_index_arrays_match_entry_by_entry_reading(tmp_path):
+    entries = [{"id": 5, "file_name": "a.png", "height": 4, "width": 6}, {"id": 3, "file_name": "b.png"},
+               {"id": 9, "file_name": "c.png", "height": 4.0, "width": 2}, {"id": True, "file_name": "d.png"},
+               {"id": 7, "file_name": "e.png", "height": 4}, {"id": 7, "file_name": "e2.png"},
+               {"id": 11, "file_name": "f.png"}, {"id": 11, "file_name": "f2.png"}, {"id": 11, "file_name": "f3.png"},
+               ["not", "an", "object"], {"id": 2 ** 64, "file_name": "g.png"}, {"id": -4, "file_name": ""},
+               {"id": 13, "file_name": 13}, {"id": 15.0, "file_name": "h.png", "height": "", "width": None},
+               {"id": 0, "file_name": "z.png", "height": 1, "width": 1}]
+    (tmp_path / "index.json").write_text(json.dumps({"images": entries}))
+    index = read_image_index(tmp_path / "index.json")
+    records, invalid = _reference_index(entries)
+    assert list(index.records) == list(records)  # the index's order
+    assert {k: index.records[k] for k in index.records} == records
+    assert set(index.invalid) == set(invalid)
+    for image_id, reason in invalid.items():
+        if "," in reason:  # duplicates name their first and last entries
+            first, last = reason.split(",")
+            assert index.invalid[image_id].endswith(f"(images[{first}] and images[{last}])")
+        else:
+            assert index.invalid[image_id].endswith(reason)
+    assert 11 in index.invalid and "images[6] and images[8]" in index.invalid[11]
+    assert 4 not in index.records and index.records.get(4) is None and index.records.get("5") is None
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_image_identities_as_arrays_equal_one_by_one_lookups(tmp_path, odd):
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png", "sub/c.png"):
+        (root / name).write_bytes(b"x" * len(name))
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"yy")
+    stats = ImageStats(str(root))
+    names = ["a.png", "sub/b.png", "missing.png", "sub/c.png"]
+    if odd:
+        names += ["./a.png", "sub//b.png", "sub/../a.png", "sub/c.png/", str(outside), "../outside.png", ""]
+    got = stats.identities(pa.array(names, pa.string())).to_pylist()
+
+    def one(name):
+        rel = posixpath.normpath(name)
+        p = root / rel
+        if name.startswith("/"):
+            p = __import__("pathlib").Path(name)
+        elif rel.startswith("..") or not p.is_file():
+            return "missing"
+        st = os.stat(p)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
+    assert got == [one(n) for n in names]
+    assert got[2] == "missing" and got[0] != got[1]
