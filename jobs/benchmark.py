@@ -8,7 +8,7 @@ actor: (1) the bare network on pre-made uint8 batches, (2) `jobs.refine` end to 
 over the files into one pickle, a merge pass), (4) peak RSS of the whole process tree at N and 4N
 images (both committed in shards of N/2 images), (5) 4N with the job's defaults, and N with 2
 refinement actors (full run only), (6) the driver's CPU and memory per instance at 0.5M and 2M
-instances, projected to 20M (bench.driver). Prints a table and the ratios against their targets,
+instances, for a Parquet and a results-JSON input, projected to 20M (bench.driver). Prints a table and the ratios against their targets,
 and writes everything to --out. --quick: N = 16 and a small driver run (a few minutes here).
 
 Also measured: the algorithm's serial work (extract, network, paste in one thread, no framework),
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if k in res:
             res[k].pop("stage_stats", None)
     res["end_to_end_stage_stats"] = str(stats)
+    Path(args.out).write_text(json.dumps(res, indent=2))  # first: a printing problem never loses a run
     b, o = res["bare_model"], res["official_style"]
     print(f"\n{'run':40} {'patches':>8} {'seconds':>8} {'patches/s':>10} {'peak RSS MB':>12}")
     print(f"{'bare model (1 thread)':40} {b['patches']:>8} {b['seconds']:>8.1f} {b['patches_per_s']:>10.1f} {'':>12}")
@@ -85,12 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'(peak PSS 4N / N':30} {res['peak_pss_4n_over_n']:6.2f}  {mn['peak_pss_mb']:.0f} -> {m4['peak_pss_mb']:.0f} MB; "
           f"summed RSS {mn['peak_rss_mb']:.0f} -> {m4['peak_rss_mb']:.0f} MB, of it shared memory "
           f"{mn['peak_rss_shmem_mb']:.0f} -> {m4['peak_rss_shmem_mb']:.0f} MB)")
-    drv = res["driver"]["points"][-1]
     t = res["targets"]["driver_cpu_us_per_instance"]
-    print(f"{'driver CPU us per instance':30} {drv['cpu_us_per_instance']:6.2f}  target <= {t}  "
-          f"{'met' if drv['cpu_us_per_instance'] <= t else 'NOT met'}  (at {drv['instances']:,} instances; "
-          f"20M projected: {res['driver']['projection_20m']['cpu_minutes']} CPU-minutes, "
-          f"{res['driver']['projection_20m']['peak_rss_gb']} GB peak RSS)")
+    for fmt, d in res["driver"]["by_format"].items():
+        drv, pr = d["points"][-1], d["projection_20m"]
+        print(f"{'driver CPU us per instance':30} {drv['cpu_us_per_instance']:6.2f}  target <= {t}  "
+              f"{'met' if drv['cpu_us_per_instance'] <= t else 'NOT met'}  ({fmt} input, {drv['instances']:,} instances, "
+              f"{drv['instances'] / drv['images']:.0f} per image: {drv['index_cpu_us_per_image']:.1f} us per image + "
+              f"{drv['other_cpu_us_per_instance']:.2f} us per instance; 20M projected: {pr['cpu_minutes']} CPU-minutes, "
+              f"{pr['peak_rss_gb']} GB peak RSS)")
     w, bd = res["serial_work"], res["bounds"]
     print(f"\nserial work (1 thread, no framework): extract {w['extract_s']:.1f} s + network {w['network_s']:.1f} s + paste "
           f"{w['paste_s']:.1f} s = {w['total_s']:.1f} s; over {bd['cores']} cores at best {bd['floor_s']:.1f} s "

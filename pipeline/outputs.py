@@ -101,7 +101,7 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
     kinds: dict[str, int] = defaultdict(int)
     with_source = len(shards.sources) > 1
     duplicates = read_failures = in_json = 0
-    quarantine_rows = [{k: r.get(k) for k in REFINED_SCHEMA.names} for r in prep_quarantine]
+    quarantine_rows = [{k: r.get(k) for k in REFINED_SCHEMA.names} for r in prep_quarantine]  # result_json set below
     for r in quarantine_rows:
         r.update(coarse_area=-1, refined_area=-1, num_patches=0, model_name=str(card.get("name")),
                  model_version=str(card.get("version", "")), config_hash=cfg.config_hash())
@@ -130,17 +130,18 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
                 counts[status] += n
             if statuses.get("quarantined"):  # rare: read the whole rows of this shard for quarantine.parquet
                 full = shard_results(loc, with_source)
-                quarantine_rows.extend(full.filter(pc.equal(full["status"], "quarantined")).select(REFINED_SCHEMA.names).to_pylist())
+                quarantine_rows.extend(full.filter(pc.equal(full["status"], "quarantined")).to_pylist())
             emit(table[RESULT_JSON].to_pylist())
         for row in quarantine_rows[: len(prep_quarantine)]:  # stopped before sharding: pass those with a mask through
             row["status"] = "quarantined"
-            if representable(row):
-                emit([json.dumps(row_to_result(row, with_source), separators=(",", ":"))])
+            row[RESULT_JSON] = json.dumps(row_to_result(row, with_source), separators=(",", ":")) if representable(row) else None
+            if row[RESULT_JSON]:
+                emit([row[RESULT_JSON]])
         f.write("\n]\n")
     for row in quarantine_rows:
         kinds[reason_kind(row["reason"] or "")] += 1
         read_failures += is_read_failure(row["reason"])
-    qt = pa.Table.from_pylist(quarantine_rows, schema=REFINED_SCHEMA)
+    qt = pa.Table.from_pylist(quarantine_rows, schema=part_schema())  # the parts' schema: they read as one table
     buf = io.BytesIO()
     pq.write_table(qt, buf)
     storage.write_bytes_atomic(out.join("quarantine.parquet"), buf.getvalue())

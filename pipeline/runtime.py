@@ -23,11 +23,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
             kwargs["_temp_dir"] = os.environ["BPR_RAY_TEMP_DIR"]
         ray.init("local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver, **kwargs)
     ctx = DataContext.get_current()
-    # Measured on 2 cores with ray 2.60: the sort-based shuffle is 2-3x faster than the default
-    # hash shuffle for the small per-shard groupby.
-    from ray.data.context import ShuffleStrategy
-
-    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
 

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from bpr_core import rle
-from bpr_core.formats import REFINED_SCHEMA
 from jobs import refine
 
 H, W = 96, 128
@@ -88,7 +87,7 @@ def bad_run(tmp_path_factory, ray_session):
     out = root / "out"
     # parts/ holds every instance that reached a shard (any status); quarantine.parquet lists all
     # quarantined ones, including those stopped before sharding (unknown image, duplicate, NaN)
-    rows = pq.read_table(out / "parts").select(REFINED_SCHEMA.names).to_pylist()  # without the serialised entry
+    rows = pq.read_table(out / "parts").to_pylist()
     rows += [q for q in pq.read_table(out / "quarantine.parquet").to_pylist() if q not in rows]
     by_pos = {}
     for r in rows:
