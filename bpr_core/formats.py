@@ -277,7 +277,7 @@ def read_image_index(path: str | Path | None) -> ImageIndex:
     return ImageIndex(records, invalid, unattributable)
 
 
-def load_image_index(path: str | Path | None) -> dict[int, ImageRecord]:
+def load_image_index(path: str | Path | None) -> "Mapping[int, ImageRecord]":
     """An image index that must be entirely valid (training, evaluation, benchmarks): the first bad
     entry raises InputError. The refinement job reads it with `read_image_index` instead and
     quarantines the detections on a bad entry's image."""

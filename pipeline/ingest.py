@@ -197,7 +197,8 @@ def _columnar(batch: pa.RecordBatch) -> tuple[np.ndarray, dict[str, pa.Array]]:
         ok &= valid
         cols[name] = pa.array(values, pa.int64())
     score = batch.column("score")
-    x = pc.fill_null(score.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+    # float(v) as the row reader does: a huge integer score rounds (a safe cast would refuse it)
+    x = pc.fill_null(score.cast(pa.float64(), safe=False), np.nan).to_numpy(zero_copy_only=False)
     ok &= np.isfinite(x)
     cols["score"] = pa.array(x, pa.float64())
     counts = batch.column("rle_counts")

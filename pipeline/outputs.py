@@ -40,7 +40,7 @@ KEY_COLUMNS = ["image_id", "instance_id", "source_file", "position", "status", R
 def shard_results(loc: storage.Location, with_source: bool, columns: list[str] | None = None) -> pa.Table:
     """A committed shard's parts as one table in output order, with each row's refined.json entry
     (serialised by the worker that wrote the part; computed here only for parts written before
-    parts carried it). `columns`: read only those (and the order keys), default all."""
+    parts carried it). `columns`: read only those (they must include the OUTPUT_ORDER keys); all by default."""
     columns = columns or part_schema().names
     schema = pa.schema([part_schema().field(c) for c in columns])
     tables = []

@@ -150,3 +150,19 @@ def test_image_identities_as_arrays_equal_one_by_one_lookups(tmp_path, odd):
 
     assert got == [one(n) for n in names]
     assert got[2] == "missing" and got[0] != got[1]
+
+
+def test_integer_score_columns_are_read_as_the_row_reader_reads_them(tmp_path):
+    """An integer score column (even beyond float precision) is a score like any other."""
+    _index(tmp_path, 3)
+    scores = [1, 2 ** 60 + 1, 0]
+    pq.write_table(pa.table({"image_id": [1, 2, 3], "instance_id": [0, 1, 2], "category_id": [1, 1, 1], "score": scores,
+                             "rle_counts": [RLE] * 3, "rle_h": [8] * 3, "rle_w": [8] * 3}), tmp_path / "in.parquet")
+    opts = RefineOptions(images=str(tmp_path / "images"), coarse=str(tmp_path / "in.parquet"),
+                         image_info=str(tmp_path / "index.json"), out=str(tmp_path / "out"), method="identity")
+    shards, quarantined, n_in = prepare_shards(opts)
+    try:
+        assert n_in == 3 and not quarantined
+        assert [r["score"] for r in shards[0]] == [float(s) for s in scores]
+    finally:
+        shards.close()
