@@ -341,6 +341,9 @@ def result_to_row(det: dict, position: int, sizes: dict[int, ImageRecord] | None
     """One COCO results entry -> one instance row, validated field by field (RecordError names the
     field). `position` is the entry's 0-based place in its file: the instance_id unless the entry
     carries one. Polygons need the image size from `sizes`."""
+    row = _plain_rle_entry(det, position, default_score)
+    if row is not None:
+        return row
     if not isinstance(det, dict):
         raise RecordError(f"expected an object, got {type(det).__name__}")
     missing = [k for k in REQUIRED_RESULT_KEYS if k not in det and not (k == "score" and default_score is not None)]
@@ -353,6 +356,33 @@ def result_to_row(det: dict, position: int, sizes: dict[int, ImageRecord] | None
     counts, h, w = _segmentation(det["segmentation"], image_id, sizes)
     return {"image_id": image_id, "instance_id": iid, "category_id": category_id, "score": score,
             "rle_counts": counts, "rle_h": h, "rle_w": w, "detector_fields": detector_fields(det)}
+
+
+def _plain_rle_entry(det, position: int, default_score: float | None) -> dict | None:
+    """The common entry, read without the general checks: int ids in int64, a finite float or int
+    score, no instance_id, and a compressed RLE with an ASCII string and int sizes >= 1. Gives what
+    the general path gives for it; None for anything else (the general path then decides, with
+    the exact reason)."""
+    if type(det) is not dict or "instance_id" in det:
+        return None
+    image_id, category_id, seg = det.get("image_id"), det.get("category_id"), det.get("segmentation")
+    score = det["score"] if "score" in det else default_score
+    if type(image_id) is not int or type(category_id) is not int or type(seg) is not dict or len(seg) != 2:
+        return None
+    if type(score) is int:
+        score = float(score)
+    elif type(score) is not float or not math.isfinite(score):
+        return None
+    counts, size = seg.get("counts"), seg.get("size")
+    if type(counts) is not str or not counts.isascii() or type(size) is not list or len(size) != 2:
+        return None
+    h, w = size
+    if type(h) is not int or type(w) is not int or not (1 <= h <= INT64_MAX and 1 <= w <= INT64_MAX) \
+            or not (INT64_MIN <= image_id <= INT64_MAX and INT64_MIN <= category_id <= INT64_MAX):
+        return None
+    plain = len(det) == 3 + ("score" in det)  # no key but the interpreted ones: no detector fields
+    return {"image_id": image_id, "instance_id": position, "category_id": category_id, "score": score,
+            "rle_counts": counts, "rle_h": h, "rle_w": w, "detector_fields": None if plain else detector_fields(det)}
 
 
 # Keys of a results entry that bpr reads; every other key (the detector's bbox, track ids, ...)

@@ -153,3 +153,38 @@ def test_gzip_index_and_strict_record_errors(tmp_path):
     res.write_text(json.dumps([{"image_id": 1, "score": 0.5, "segmentation": {"size": [2, 2], "counts": [4]}}]))
     with pytest.raises(InputError, match=f"^{res} entry 0: missing category_id$"):
         read_results_json(res)
+
+
+def test_plain_rle_fast_path_reads_entries_exactly_as_the_general_path(monkeypatch):
+    """result_to_row takes common entries on a fast path; every entry, accepted or refused, reads
+    the same with the fast path switched off (the general, field-by-field checks)."""
+    from bpr_core import formats
+
+    rle = {"size": [8, 8], "counts": "b04400000>"}
+    base = {"image_id": 3, "category_id": 1, "score": 0.5, "segmentation": rle}
+    variants = [base, dict(base, score=1), dict(base, score=True), dict(base, score=float("nan")), dict(base, score=None),
+                dict(base, score=2 ** 70), {k: v for k, v in base.items() if k != "score"}, dict(base, image_id=3.0),
+                dict(base, image_id=True), dict(base, image_id=2 ** 64), dict(base, category_id="1"), dict(base, instance_id=7),
+                dict(base, segmentation={"size": [8, 8], "counts": "b04\u00e9400000>"}),
+                dict(base, segmentation={"size": [0, 8], "counts": "b04400000>"}),
+                dict(base, segmentation={"size": [8.0, 8], "counts": "b04400000>"}),
+                dict(base, segmentation={"size": [8, 8], "counts": "b04400000>", "extra": 1}),
+                dict(base, segmentation={"size": [8, 8, 1], "counts": "b04400000>"}),
+                dict(base, segmentation={"size": [8, 8], "counts": [64]}), dict(base, bbox=[1, 2, 3, 4]),
+                dict(base, bbox=[1, 2, float("nan"), 4]), dict(base, track=5), ["not", "a", "dict"]]
+
+    def read(det, default_score):
+        try:
+            return formats.result_to_row(det, 9, None, "f", default_score=default_score)
+        except formats.RecordError as e:
+            return f"RecordError: {e}"
+
+    for default_score in (None, 1.0):
+        fast = [read(d, default_score) for d in variants]
+        with monkeypatch.context() as m:
+            m.setattr(formats, "_plain_rle_entry", lambda *a: None)
+            general = [read(d, default_score) for d in variants]
+        assert fast == general
+        assert [type(r["score"]) for r in fast if isinstance(r, dict)] == [float] * sum(isinstance(r, dict) for r in fast)
+    assert sum(isinstance(r, dict) for r in fast) >= 8 and sum(isinstance(r, str) for r in fast) >= 8
+    assert formats._plain_rle_entry(base, 0, None) is not None  # the fast path was taken
