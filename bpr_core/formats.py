@@ -214,6 +214,7 @@ def read_image_index(path: str | Path | None) -> ImageIndex:
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise InputError(f"image index {path} has no 'images' list. " + HOW_TO_INDEX)
         entries, id_key, name_key, label = data["images"], "id", "file_name", "images[{}]"
+        data = None  # the rest of the file (a ground-truth file's annotations) is not needed
     elif suffix in (".csv", ".parquet", ".pq"):
         if not path.is_file():
             raise InputError(f"image index not found: {path}")
@@ -259,7 +260,7 @@ def read_image_index(path: str | Path | None) -> ImageIndex:
             continue
         ids.append(rec.image_id), names.append(rec.file_name), heights.append(rec.height or 0), widths.append(rec.width or 0)
         at.append(i)
-    del entries
+    entries = None  # the parsed entries are no longer needed: the arrays below are built without them
     id_arr, at_arr = np.asarray(ids, np.int64), np.asarray(at, np.int64)
     del ids
     order = np.argsort(id_arr, kind="stable")

@@ -68,7 +68,8 @@ class ImageStats:
 
     def identities(self, file_names) -> "pa.Array":
         """The identity of each file name of an Arrow string array, as arrays: names already in
-        normal form are looked up in one vectorised hash join; others one by one (`get`)."""
+        normal form are looked up in one vectorised hash join; the others (rare) are normalised one by
+        one, and names outside the root are looked up with a `stat` each."""
         import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -87,12 +88,6 @@ class ImageStats:
         for k, name, hit in zip(where.tolist(), names, hits):
             values[k] = self.stamps[hit].as_py() if hit is not None else self._outside_root(name or "")
         return pa.array(values, pa.string())
-
-    def get(self, name: str) -> str:
-        """One name's identity."""
-        import pyarrow as pa
-
-        return self.identities(pa.array([name], pa.string()))[0].as_py()
 
     @staticmethod
     def _outside_root(name: str) -> str:

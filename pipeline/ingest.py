@@ -90,35 +90,28 @@ class ShardSpill:
         self.counts = [0] * n_shards
         self.images = [0] * n_shards  # images with at least one instance, per shard (set when read)
         self._files: list[int] = [0] * n_shards
-        self._buf: dict[int, list[dict]] = defaultdict(list)
         self._tables: dict[int, list[pa.Table]] = defaultdict(list)
         self._buffered, self.buffer_rows = 0, buffer_rows
 
     def add(self, shard: int, row: dict) -> None:
-        self._buf[shard].append(row)
-        self._added(shard, 1)
+        """One row (a dict of SPILL_SCHEMA's fields)."""
+        self.add_table(shard, pa.Table.from_pylist([row], schema=SPILL_SCHEMA))
 
     def add_table(self, shard: int, table: pa.Table) -> None:
         """Rows of one shard as an Arrow table of SPILL_SCHEMA (the columnar path: no per-row work)."""
         self._tables[shard].append(table)
-        self._added(shard, table.num_rows)
-
-    def _added(self, shard: int, n: int) -> None:
-        self.counts[shard] += n
-        self._buffered += n
+        self.counts[shard] += table.num_rows
+        self._buffered += table.num_rows
         if self._buffered >= self.buffer_rows:
             self.flush()
 
     def flush(self) -> None:
-        for shard, rows in self._buf.items():
-            self._tables[shard].append(pa.Table.from_pylist(rows, schema=SPILL_SCHEMA))
         for shard, tables in self._tables.items():
             table = pa.concat_tables(tables)
             with pa.OSFile(os.path.join(self.dir, f"{shard}-{self._files[shard]}.arrow"), "wb") as sink:
                 with pa.ipc.new_stream(sink, SPILL_SCHEMA) as writer:
                     writer.write_table(table)
             self._files[shard] += 1
-        self._buf.clear()
         self._tables.clear()
         self._buffered = 0
 
@@ -284,8 +277,7 @@ class ArrowIndex:
     def __init__(self, index: ImageIndex, stats: ImageStats):
         self.ids, self.file_names = index.records.sorted_ids, index.records.sorted_file_names
         self.identities = stats.identities(self.file_names)
-        self.invalid = index.invalid
-        self._invalid_ids = np.asarray(sorted(index.invalid), np.int64)
+        self.invalid = index.invalid  # never among the usable ids (read_image_index drops them)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -296,26 +288,22 @@ class ArrowIndex:
             return np.full(len(image_ids), -1, np.int64)
         r = np.minimum(np.searchsorted(self.ids, image_ids), len(self.ids) - 1)
         r[self.ids[r] != image_ids] = -1
-        if len(self._invalid_ids):
-            r[np.isin(image_ids, self._invalid_ids)] = -1
         return r
 
 
-def _index_reason(row: dict, index: ArrowIndex, opts: RefineOptions) -> str | None:
-    """Why a validated row cannot be refined, as far as the image index can tell (else None)."""
+def _index_reason(row: dict, rank: int, index: ArrowIndex, opts: RefineOptions) -> str:
+    """Why a validated row with this image rank (-1: no usable entry) cannot be refined."""
     image_id, limit = row["image_id"], opts.max_image_pixels
     if image_id in index.invalid:
         return f"unusable image index entry: {index.invalid[image_id]}"
-    if not (len(index) and index.ids[min(np.searchsorted(index.ids, image_id), len(index) - 1)] == image_id):
+    if rank < 0:
         return f"image_id {image_id} is not in the image index {opts.image_info}"
-    if limit and row["rle_h"] * row["rle_w"] > limit:
-        return (f"mask RLE is {row['rle_h']}x{row['rle_w']} ({row['rle_h'] * row['rle_w'] / 1e6:.1f} MP), "
-                f"over the pixel limit of {limit / 1e6:g} MP (--max-image-pixels)")
-    return None
+    return (f"mask RLE is {row['rle_h']}x{row['rle_w']} ({row['rle_h'] * row['rle_w'] / 1e6:.1f} MP), "
+            f"over the pixel limit of {limit / 1e6:g} MP (--max-image-pixels)")
 
 
 def _route(table: pa.Table, index: ArrowIndex, opts: RefineOptions, shards: "ShardSpill", quarantined: list[dict]) -> None:
-    """Validated rows -> their shard's spill (with the image's file name), or quarantined with the
+    """Validated rows -> their shard's spill (with the image's file name and identity), or quarantined with the
     index's reason, all as column operations; only rejected rows are looked at one by one."""
     if not table.num_rows:
         return
@@ -326,8 +314,8 @@ def _route(table: pa.Table, index: ArrowIndex, opts: RefineOptions, shards: "Sha
         pixels = table["rle_h"].combine_chunks().to_numpy().astype(np.float64) * table["rle_w"].combine_chunks().to_numpy()
         bad |= pixels > opts.max_image_pixels
     if bad.any():
-        for row in table.filter(pa.array(bad)).to_pylist():
-            quarantined.append({**row, "status": "quarantined", "reason": _index_reason(row, index, opts)})
+        for row, r in zip(table.filter(pa.array(bad)).to_pylist(), rank[bad].tolist()):
+            quarantined.append({**row, "status": "quarantined", "reason": _index_reason(row, r, index, opts)})
         keep = pa.array(~bad)
         table, rank = table.filter(keep), rank[~bad]
     shard = rank // opts.shard_size
