@@ -4,6 +4,7 @@ whole job writes a checkpoint that carries it."""
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from bpr_core import BPRConfig, load_checkpoint, save_checkpoint
@@ -25,12 +26,49 @@ def test_search_refuses_rules_that_hurt_and_breaks_ties_to_the_safest_rule():
     medium = _rec(5000, (0.85, 0.60), medium_after)
     best, points = calibrate.search({"s": [large, small, medium] * 10}, max_worse=0.05)
     assert best["admissible"]
-    # Every gate > 0 saves the medium object; min_area 400 and 1024 both skip the small one; the
-    # large one's IoU with its coarse mask is 0.85, so acceptance thresholds up to 0.8 keep it.
-    # All of those tie on gain: the safest wins.
-    assert best["min_area"] == 1024 and best["gate_margin"] == 0.4 and best["min_keep_iou"] == 0.8
+    # Every gate > 0 saves the medium object; the large one's IoU with its coarse mask is 0.85, so
+    # acceptance thresholds up to 0.8 keep it, while the small one's redraw (IoU 0.55 with its
+    # coarse mask) is rejected from 0.7 on; min_area 400 to 4096 would also skip it. All of those
+    # tie on gain: the safest guards win (largest gate, then acceptance threshold), then the
+    # smallest min_area, since the guards already protect the small object.
+    assert best["min_area"] == 0 and best["gate_margin"] == 0.4 and best["min_keep_iou"] == 0.8
+    # without the acceptance rule, only min_area protects the small object
+    no_accept = [p for p in points if p["min_keep_iou"] == 0 and p["gate_margin"] == 0.4]
+    assert [p["min_area"] for p in no_accept if p["admissible"]] == [400, 1024, 2048, 4096]
     official = next(p for p in points if p["min_area"] == 0 and p["gate_margin"] == 0 and p["min_keep_iou"] == 0)
     assert not official["admissible"] and official["sets"]["s"]["worse_gt_2pts"] > 0.5
+
+
+def test_a_rule_that_loses_a_true_positive_in_a_size_bucket_is_refused():
+    """Mean IoU rises in the medium bucket (+1 point) but one instance falls below IoU 0.75: mask
+    AP would lose that true positive, so only the rules that leave it alone are admissible."""
+    m = len(calibrate.GRID["gate_margin"])
+    falls = _rec(5000, (0.76, 0.50), [(0.74, 0.52, 0.95)] + [(0.76, 0.50, 1.0)] * (m - 1))
+    rises = _rec(5000, (0.60, 0.40), [(0.64, 0.45, 0.95)] * m)
+    _, points = calibrate.search({"s": [falls, rises]}, max_worse=1.0)
+    ungated = next(p for p in points if p["min_area"] == 0 and p["gate_margin"] == 0 and p["min_keep_iou"] == 0)
+    medium = ungated["sets"]["s"]["sizes"]["medium"]
+    assert medium["d_iou"] > 0 and medium["d_hits"] == -1 and not ungated["admissible"]
+    gated = next(p for p in points if p["min_area"] == 0 and p["gate_margin"] > 0 and p["min_keep_iou"] == 0)
+    assert gated["sets"]["s"]["sizes"]["medium"]["d_hits"] == 0 and gated["admissible"]
+
+
+def test_a_rule_that_lowers_a_buckets_mask_ap_is_refused_even_at_equal_hits():
+    """The detector's most confident detection drops below IoU 0.85 while a less confident one rises
+    above 0.9: mean IoU and the true-positive count are unchanged or up, but COCO's AP (which ranks
+    by score) falls, so only the rules that leave the pair alone are admissible."""
+    m = len(calibrate.GRID["gate_margin"])
+    sure = {**_rec(5000, (0.854, 0.5), [(0.842, 0.5, 0.95)] + [(0.854, 0.5, 1.0)] * (m - 1)), "score": 0.99, "gt_id": 1}
+    unsure = {**_rec(5000, (0.872, 0.5), [(0.909, 0.55, 0.95)] * m), "score": 0.5, "gt_id": 2}
+    records = {"matched": [{**sure, "category_id": 1}, {**unsure, "category_id": 1}], "unmatched": [], "gt_areas": [(5000.0, 1)] * 2}
+    _, points = calibrate.search({"s": records}, max_worse=1.0)
+    ungated = next(p for p in points if p["min_area"] == 0 and p["gate_margin"] == 0 and p["min_keep_iou"] == 0)
+    medium = ungated["sets"]["s"]["sizes"]["medium"]
+    assert medium["d_iou"] > 0 and medium["d_hits"] == 0 and medium["ap_after"] < medium["ap_before"]
+    assert not ungated["admissible"]
+    gated = next(p for p in points if p["min_area"] == 0 and p["gate_margin"] > 0 and p["min_keep_iou"] == 0)
+    assert gated["sets"]["s"]["sizes"]["medium"]["ap_after"] > gated["sets"]["s"]["sizes"]["medium"]["ap_before"]
+    assert gated["admissible"]
 
 
 def test_acceptance_rule_in_the_search_keeps_coarse_figures():
@@ -56,3 +94,72 @@ def test_calibrate_job_writes_a_checkpoint_with_the_chosen_rules(tmp_path):
     ck = load_checkpoint(tmp_path / "cal.pt")
     assert {k: getattr(ck.config, k) for k in rep["chosen"]} == rep["chosen"]
     assert ck.model_card["do_no_harm"]["calibrated_on"] == ["val"]
+
+
+def test_bucket_ap_equals_cocoeval_per_size():
+    """The calibrator's per-size mask AP is COCOeval's: GT boxes of three sizes and two categories
+    on one image, detections with varied IoU and scores (duplicates, false positives of each size,
+    a missed GT), compared bucket by bucket with pycocotools at the same masks."""
+    import io
+    from contextlib import redirect_stdout
+
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    h, w = 400, 600
+    rng = np.random.default_rng(5)
+
+    def box(x, y, bw, bh):
+        m = np.zeros((h, w), np.uint8)
+        m[y:y + bh, x:x + bw] = 1
+        return m
+
+    gts = [box(10, 10, 20, 20), box(50, 10, 25, 30), box(100, 10, 60, 60), box(200, 10, 80, 70),
+           box(300, 10, 150, 120), box(10, 200, 200, 150), box(470, 10, 12, 12),  # never detected
+           box(500, 100, 40, 40), box(500, 200, 90, 120), box(230, 100, 14, 14)]
+    cats = [1, 1, 1, 2, 1, 2, 1, 2, 2, 2]
+    dets = []  # (mask, score, gt index or None, category)
+    for gi, g in enumerate(gts):
+        if gi == 6:
+            continue
+        ys, xs = np.nonzero(g)
+        for k in range(2 if gi in (2, 4, 8) else 1):  # duplicates
+            shift = int(rng.integers(0, max(2, (xs.max() - xs.min()) // 6)))
+            dets.append((np.roll(g, shift, axis=1), float(rng.uniform(0.3, 1.0)), gi, cats[gi]))
+    dets += [(box(250, 300, 15, 15), 0.95, None, 1), (box(400, 300, 50, 40), 0.5, None, 1), (box(300, 200, 110, 100), 0.2, None, 2),
+             (box(460, 300, 20, 20), 0.7, None, 2)]
+
+    gt_json = {"images": [{"id": 1, "width": w, "height": h, "file_name": "x.png"}],
+               "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}], "annotations": []}
+    for i, g in enumerate(gts):
+        r = mask_utils.encode(np.asfortranarray(g))
+        r["counts"] = r["counts"].decode()
+        gt_json["annotations"].append({"id": i + 1, "image_id": 1, "category_id": cats[i], "segmentation": r,
+                                       "area": float(g.sum()), "bbox": list(mask_utils.toBbox(r)), "iscrowd": 0})
+    results, recs, unmatched = [], [], []
+    for m, score, gi, cat in dets:
+        r = mask_utils.encode(np.asfortranarray(m))
+        r["counts"] = r["counts"].decode()
+        results.append({"image_id": 1, "category_id": cat, "segmentation": r, "score": score})
+        if gi is None:
+            unmatched.append({"score": score, "coarse_area": int(m.sum()), "category_id": cat})
+        else:
+            iou = float((m & gts[gi]).sum() / (m | gts[gi]).sum())
+            assert iou >= 0.5
+            recs.append({"score": score, "gt_id": gi + 1, "gt_area": float(gts[gi].sum()), "coarse_area": int(m.sum()), "iou": iou,
+                         "category_id": cat})
+    with redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt_json
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(results), "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    want = dict(zip(("small", "medium", "large"), ev.stats[3:6]))
+    ious = np.array([r["iou"] for r in recs])
+    areas = [(float(g.sum()), c) for g, c in zip(gts, cats)]
+    for name, lo, hi in calibrate.SIZES:
+        assert calibrate.bucket_ap(ious, recs, unmatched, areas, lo, hi) == pytest.approx(want[name], abs=1e-12), name
+    assert 0 < want["small"] < 1 and 0 < want["medium"] < 1 and 0 < want["large"] < 1  # the case is not trivial
