@@ -227,8 +227,7 @@ def search(per_set: dict, max_worse: float) -> tuple[dict, list[dict]]:
     # its size, so on sets we do not have they harm less for the same measured gain. Then the
     # smallest min_area: it passes objects through unexamined, and a near-tie means the guards
     # already keep the small objects from harm on every dev-val set, so a larger one would only
-    # give up their gain. (Until 2026-12-02 the largest min_area won this tie. With the finer grid,
-    # that meant 2,048 px, and the demo set then refined 11 of its 114 instances.)
+    # give up their gain (README: the largest used to win, 2,048 px on this grid).
     top = max(p["mean_d_boundary_iou"] for p in pool)
     near = [p for p in pool if p["mean_d_boundary_iou"] >= top - NEAR_BEST * abs(top)]
     best = max(near, key=lambda p: (p["gate_margin"], p["min_keep_iou"], -p["min_area"]))
@@ -268,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         # the network's outputs for one set depend on the weights, TTA, the set's files and the margins
         key = hashlib.sha256(b"|".join([ckpt.read_bytes(), str(args.tta).encode(), json.dumps(GRID["gate_margin"]).encode()]
                                        + [(d / f).read_bytes() for f in ("annotations.json", "coarse.json")])).hexdigest()
-        if cache and cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+        kept = json.loads(cache.read_text()) if cache and cache.is_file() else {}
+        if kept.get("key") == key:
             log(f"{d}: records reused from {cache}")
-            per_set[d.name] = json.loads(cache.read_text())["records"]
+            per_set[d.name] = kept["records"]
             continue
         log(f"running {card.get('name')} on {d} ...")
         per_set[d.name] = collect(d, refiner, cfg, GRID["gate_margin"], log)

@@ -79,14 +79,16 @@ def test_acceptance_rule_in_the_search_keeps_coarse_figures():
     assert best["admissible"] and best["min_keep_iou"] >= 0.5 and fig["d_iou"] == 0 and fig["refined_share"] == 0
 
 
-def test_calibrate_job_writes_a_checkpoint_with_the_chosen_rules(tmp_path):
+def test_calibrate_job_writes_a_checkpoint_with_the_chosen_rules(tmp_path, capsys):
     from bpr_core.synthetic import write_dataset
 
     write_dataset(tmp_path / "val", 4, seed=9)
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "m.pt", build_model("hrnet_lite"), BPRConfig(model="hrnet_lite", input_size=64), {"name": "t"})
-    code = calibrate.main(["--checkpoint", str(tmp_path / "m.pt"), "--sets", str(tmp_path / "val"), "--out", str(tmp_path / "c.json"),
-                           "--write", str(tmp_path / "cal.pt"), "--threads", "1"])
+    args = ["--checkpoint", str(tmp_path / "m.pt"), "--sets", str(tmp_path / "val"), "--out", str(tmp_path / "c.json"),
+            "--write", str(tmp_path / "cal.pt"), "--threads", "1", "--records", str(tmp_path / "rec")]
+    code = calibrate.main(args)
+    assert "records reused" not in capsys.readouterr().err
     rep = json.loads((tmp_path / "c.json").read_text())
     assert code == (0 if rep["admissible"] else 1)
     n_points = int(np.prod([len(v) for v in calibrate.GRID.values()]))
@@ -94,6 +96,13 @@ def test_calibrate_job_writes_a_checkpoint_with_the_chosen_rules(tmp_path):
     ck = load_checkpoint(tmp_path / "cal.pt")
     assert {k: getattr(ck.config, k) for k in rep["chosen"]} == rep["chosen"]
     assert ck.model_card["do_no_harm"]["calibrated_on"] == ["val"]
+    # a second run reuses the network's outputs and decides the same; a changed set does not reuse them
+    assert calibrate.main(args) == code and "records reused" in capsys.readouterr().err
+    assert json.loads((tmp_path / "c.json").read_text()) == rep
+    coarse = tmp_path / "val" / "coarse.json"
+    coarse.write_text(json.dumps(json.loads(coarse.read_text())[:-1]))
+    calibrate.main(args)
+    assert "records reused" not in capsys.readouterr().err
 
 
 def test_bucket_ap_equals_cocoeval_per_size():
