@@ -146,7 +146,7 @@ def test_init_config_is_the_checkpoints_geometry_without_its_rules():
     from jobs.train import init_config
 
     own = load_checkpoint(DEFAULT_WEIGHTS).config
-    assert own.min_area > 0  # the shipped rules are calibrated, so the check below can fail
+    assert own.gate_margin > 0 and own.tta_flip  # the shipped rules are calibrated, so the check below can fail
     cfg, path = init_config(Namespace(init="default", model=own.model, input_size=None, patch_size=own.patch_size))
     assert path == str(DEFAULT_WEIGHTS)
     assert all(getattr(cfg, k) == getattr(own, k) for k in CHECKPOINT_OWNED)
