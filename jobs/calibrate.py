@@ -170,14 +170,8 @@ def bucket_ap(ious: np.ndarray, recs: list[dict], unmatched: list[dict], gt_area
     return float(np.mean(per_cat))
 
 
-def as_set(records) -> dict:
-    """A set's records: collect()'s dict, or a plain list of matched records (no AP then)."""
-    return records if isinstance(records, dict) else {"matched": records, "unmatched": [], "gt_areas": None}
-
-
-def score_point(records, mi: int, min_area: int, min_keep_iou: float) -> dict:
-    """Per-set summary of one grid point."""
-    records = as_set(records)
+def score_point(records: dict, mi: int, min_area: int, min_keep_iou: float) -> dict:
+    """Per-set summary of one grid point (`records` as collect() returns them)."""
     recs = records["matched"]
     b = np.array([r["before"] for r in recs])
     a = np.array([r["after"][mi] for r in recs])
@@ -193,10 +187,8 @@ def score_point(records, mi: int, min_area: int, min_keep_iou: float) -> dict:
             d_hits = int((after[sel, 0, None] >= AP_THRESHOLDS).sum()) - int((b[sel, 0, None] >= AP_THRESHOLDS).sum())
             sizes[name] = {"n": int(sel.sum()), "d_iou": float(d_iou[sel].mean()), "d_boundary_iou": float(d_b[sel].mean()),
                            "d_hits": d_hits}
-            if records["gt_areas"] is not None:
-                ap0 = bucket_ap(b[:, 0], recs, records["unmatched"], records["gt_areas"], lo, hi)
-                ap1 = bucket_ap(after[:, 0], recs, records["unmatched"], records["gt_areas"], lo, hi)
-                sizes[name].update(ap_before=ap0, ap_after=ap1)
+            sizes[name]["ap_before"] = bucket_ap(b[:, 0], recs, records["unmatched"], records["gt_areas"], lo, hi)
+            sizes[name]["ap_after"] = bucket_ap(after[:, 0], recs, records["unmatched"], records["gt_areas"], lo, hi)
     return {"n": len(recs), "d_iou": float(d_iou.mean()), "d_boundary_iou": float(d_b.mean()),
             "worse_gt_2pts": float((d_iou < -0.02).mean()), "improved": float((d_iou > 0).mean()),
             "refined_share": float(keep.mean()), "sizes": sizes}
@@ -206,7 +198,7 @@ def admissible_set(fig: dict, max_worse: float) -> bool:
     """One set's figures at one grid point pass: few instances worse by > 2 points, Boundary IoU
     not down, and in every size bucket mean IoU, true positives and mask AP not down."""
     def bucket_ok(b: dict) -> bool:
-        return b["d_iou"] >= 0 and b["d_hits"] >= 0 and not b.get("ap_after", 0.0) < b.get("ap_before", 0.0) - 1e-12
+        return b["d_iou"] >= 0 and b["d_hits"] >= 0 and not b["ap_after"] < b["ap_before"] - 1e-12  # (NaN: no GT, passes)
 
     return fig["worse_gt_2pts"] <= max_worse and fig["d_boundary_iou"] >= 0 and all(bucket_ok(b) for b in fig["sizes"].values())
 

@@ -16,6 +16,13 @@ def _rec(gt_area, before, after_by_margin, coarse_area=None):
     return {"set": "s", "gt_area": gt_area, "coarse_area": coarse_area or gt_area, "before": before, "after": after_by_margin}
 
 
+def _set(recs: list[dict]) -> dict:
+    """A set's records as collect() returns them: each matched record its own GT (one category,
+    score 1 unless given), no unmatched detection."""
+    matched = [{"score": 1.0, **r, "gt_id": r.get("gt_id", i), "category_id": 1} for i, r in enumerate(recs)]
+    return {"matched": matched, "unmatched": [], "gt_areas": [(r["gt_area"], 1) for r in matched]}
+
+
 def test_search_refuses_rules_that_hurt_and_breaks_ties_to_the_safest_rule():
     m = len(calibrate.GRID["gate_margin"])
     # A large object gains a lot at every margin; a small one loses badly unless min_area skips it
@@ -24,7 +31,7 @@ def test_search_refuses_rules_that_hurt_and_breaks_ties_to_the_safest_rule():
     small = _rec(300, (0.90, 0.80), [(0.50, 0.30, 0.55)] * m)
     medium_after = [(0.70, 0.40, 0.80)] + [(0.86, 0.62, 0.95)] * (m - 1)
     medium = _rec(5000, (0.85, 0.60), medium_after)
-    best, points = calibrate.search({"s": [large, small, medium] * 10}, max_worse=0.05)
+    best, points = calibrate.search({"s": _set([large, small, medium] * 10)}, max_worse=0.05)
     assert best["admissible"]
     # Every gate > 0 saves the medium object; the large one's IoU with its coarse mask is 0.85, so
     # acceptance thresholds up to 0.8 keep it, while the small one's redraw (IoU 0.55 with its
@@ -45,7 +52,7 @@ def test_a_rule_that_loses_a_true_positive_in_a_size_bucket_is_refused():
     m = len(calibrate.GRID["gate_margin"])
     falls = _rec(5000, (0.76, 0.50), [(0.74, 0.52, 0.95)] + [(0.76, 0.50, 1.0)] * (m - 1))
     rises = _rec(5000, (0.60, 0.40), [(0.64, 0.45, 0.95)] * m)
-    _, points = calibrate.search({"s": [falls, rises]}, max_worse=1.0)
+    _, points = calibrate.search({"s": _set([falls, rises])}, max_worse=1.0)
     ungated = next(p for p in points if p["min_area"] == 0 and p["gate_margin"] == 0 and p["min_keep_iou"] == 0)
     medium = ungated["sets"]["s"]["sizes"]["medium"]
     assert medium["d_iou"] > 0 and medium["d_hits"] == -1 and not ungated["admissible"]
@@ -60,8 +67,7 @@ def test_a_rule_that_lowers_a_buckets_mask_ap_is_refused_even_at_equal_hits():
     m = len(calibrate.GRID["gate_margin"])
     sure = {**_rec(5000, (0.854, 0.5), [(0.842, 0.5, 0.95)] + [(0.854, 0.5, 1.0)] * (m - 1)), "score": 0.99, "gt_id": 1}
     unsure = {**_rec(5000, (0.872, 0.5), [(0.909, 0.55, 0.95)] * m), "score": 0.5, "gt_id": 2}
-    records = {"matched": [{**sure, "category_id": 1}, {**unsure, "category_id": 1}], "unmatched": [], "gt_areas": [(5000.0, 1)] * 2}
-    _, points = calibrate.search({"s": records}, max_worse=1.0)
+    _, points = calibrate.search({"s": _set([sure, unsure])}, max_worse=1.0)
     ungated = next(p for p in points if p["min_area"] == 0 and p["gate_margin"] == 0 and p["min_keep_iou"] == 0)
     medium = ungated["sets"]["s"]["sizes"]["medium"]
     assert medium["d_iou"] > 0 and medium["d_hits"] == 0 and medium["ap_after"] < medium["ap_before"]
@@ -74,7 +80,7 @@ def test_a_rule_that_lowers_a_buckets_mask_ap_is_refused_even_at_equal_hits():
 def test_acceptance_rule_in_the_search_keeps_coarse_figures():
     m = len(calibrate.GRID["gate_margin"])
     recs = [_rec(20000, (0.8, 0.5), [(0.3, 0.1, 0.35)] * m)]  # a redrawn object: reject it
-    best, _ = calibrate.search({"s": recs}, max_worse=0.0)
+    best, _ = calibrate.search({"s": _set(recs)}, max_worse=0.0)
     fig = best["sets"]["s"]
     assert best["admissible"] and best["min_keep_iou"] >= 0.5 and fig["d_iou"] == 0 and fig["refined_share"] == 0
 
