@@ -209,6 +209,7 @@ def read_image_index(path: str | Path | None) -> ImageIndex:
         raise InputError("no image index given. " + HOW_TO_INDEX)
     path = Path(path)
     suffix = ".json" if path.name.lower().endswith(".json.gz") else path.suffix.lower()
+    fast, rest = None, None  # Parquet: the rows checked as columns; the row numbers of the others
     if suffix == ".json":
         data = _read_json(path, "image index")
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -225,10 +226,15 @@ def read_image_index(path: str | Path | None) -> ImageIndex:
                 for k in ("image_id", "height", "width"):
                     if isinstance(e.get(k), str) and e[k].strip().lstrip("-").isdigit():
                         e[k] = int(e[k])
+            if entries and not {"image_id", "path"} <= set(entries[0]):
+                raise InputError(f"image index {path} needs columns image_id and path. " + HOW_TO_INDEX)
         else:
-            entries = pq.read_table(path).to_pylist()
-        if entries and not {"image_id", "path"} <= set(entries[0]):
-            raise InputError(f"image index {path} needs columns image_id and path. " + HOW_TO_INDEX)
+            table = pq.read_table(path)
+            if table.num_rows and not {"image_id", "path"} <= set(table.column_names):
+                raise InputError(f"image index {path} needs columns image_id and path. " + HOW_TO_INDEX)
+            fast, rest = _columnar_index(table)
+            entries = table.take(pa.array(rest, pa.int64())).to_pylist() if len(rest) < table.num_rows else table.to_pylist()
+            del table
         id_key, name_key, label = "image_id", "path", "row {}"
     else:
         raise InputError(f"image index {path}: unsupported type {suffix!r}. " + HOW_TO_INDEX)
@@ -237,13 +243,13 @@ def read_image_index(path: str | Path | None) -> ImageIndex:
     ids, names, heights, widths, at = [], [], [], [], []
     invalid: dict[int, str] = {}
     unattributable: list[str] = []
-    for i, entry in enumerate(entries):
+    for i, entry in zip(rest if rest is not None else range(len(entries)), entries):
         if type(entry) is dict:
             image_id, name, h, w = entry.get(id_key), entry.get(name_key), entry.get("height"), entry.get("width")
             if type(image_id) is int and type(name) is str and name and INT64_MIN <= image_id <= INT64_MAX and (
                     (type(h) is int and type(w) is int and 1 <= h <= INT64_MAX and 1 <= w <= INT64_MAX)
                     or (h is None and w is None)):
-                ids.append(image_id), names.append(name), heights.append(h or 0), widths.append(w or 0), at.append(i)
+                ids.append(image_id), names.append(name), heights.append(h or 0), widths.append(w or 0), at.append(int(i))
                 continue
         try:
             rec = _index_entry(entry, id_key, name_key)
@@ -263,6 +269,13 @@ def read_image_index(path: str | Path | None) -> ImageIndex:
     entries = None  # the parsed entries are no longer needed: the arrays below are built without them
     id_arr, at_arr = np.asarray(ids, np.int64), np.asarray(at, np.int64)
     del ids
+    names = pa.array(names, pa.string())
+    heights, widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+    if fast is not None and len(fast[0]):  # the columnar rows, merged back in the index's order
+        order = np.argsort(np.concatenate([fast[4], at_arr]), kind="stable")
+        id_arr, at_arr = np.concatenate([fast[0], id_arr])[order], np.concatenate([fast[4], at_arr])[order]
+        names = pa.concat_arrays([fast[1], names]).take(pa.array(order))
+        heights, widths = np.concatenate([fast[2], heights])[order], np.concatenate([fast[3], widths])[order]
     order = np.argsort(id_arr, kind="stable")
     sorted_ids = id_arr[order]
     repeated = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
@@ -271,11 +284,44 @@ def read_image_index(path: str | Path | None) -> ImageIndex:
         invalid[image_id] = (f"image_id {image_id} appears more than once in the image index {path} "
                              f"({label.format(int(where.min()))} and {label.format(int(where.max()))})")
     keep = ~np.isin(id_arr, np.asarray(sorted(invalid), np.int64)) if invalid else np.ones(len(id_arr), bool)
-    names_arr = pa.array(names, pa.string())
-    del names
-    records = ImageTable(id_arr[keep], names_arr.filter(pa.array(keep)), np.asarray(heights, np.int64)[keep],
-                         np.asarray(widths, np.int64)[keep])
+    records = ImageTable(id_arr[keep], names.filter(pa.array(keep)), heights[keep], widths[keep])
     return ImageIndex(records, invalid, unattributable)
+
+
+def _columnar_index(table: pa.Table) -> tuple[tuple | None, np.ndarray]:
+    """A Parquet image index checked column by column: ((ids, file names, heights, widths, row
+    numbers) of the rows that are certainly well-formed, the row numbers of the others), or (None,
+    every row) when a column's type needs the entry-by-entry reader. The other rows go through that
+    reader, which gives the exact reason, so this only has to be sure about the rows it accepts."""
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    every = np.arange(n, dtype=np.int64)
+    names = set(table.column_names)
+    sized = {"height", "width"} <= names
+    if not n or ({"height", "width"} & names and not sized):
+        return None, every
+    cols = {k: table[k].combine_chunks() for k in ("image_id", "path", "height", "width") if k in names}
+    if not (pa.types.is_integer(cols["image_id"].type) and pa.types.is_string(cols["path"].type)
+            and (not sized or (pa.types.is_integer(cols["height"].type) and pa.types.is_integer(cols["width"].type)))):
+        return None, every
+
+    def ints(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:  # (valid, values as int64)
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        if arr.type == pa.uint64():
+            valid &= pc.fill_null(pc.less_equal(arr, pa.scalar(INT64_MAX, pa.uint64())), False).to_numpy(zero_copy_only=False)
+            arr = pc.if_else(pa.array(valid), arr, pa.scalar(0, arr.type))
+        return valid, pc.fill_null(arr, 0).cast(pa.int64()).to_numpy(zero_copy_only=False)
+
+    ok, ids = ints(cols["image_id"])
+    ok &= pc.fill_null(pc.greater(pc.utf8_length(cols["path"]), 0), False).to_numpy(zero_copy_only=False)
+    heights = widths = np.zeros(n, np.int64)
+    if sized:
+        (hv, heights), (wv, widths) = ints(cols["height"]), ints(cols["width"])
+        hnull, wnull = cols["height"].is_null().to_numpy(zero_copy_only=False), cols["width"].is_null().to_numpy(zero_copy_only=False)
+        ok &= (hv & wv & (heights >= 1) & (widths >= 1)) | (hnull & wnull)
+    keep = pa.array(ok)
+    return (ids[ok], cols["path"].filter(keep), heights[ok], widths[ok], every[ok]), every[~ok]
 
 
 def load_image_index(path: str | Path | None) -> "Mapping[int, ImageRecord]":

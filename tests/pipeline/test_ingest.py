@@ -166,3 +166,28 @@ def test_integer_score_columns_are_read_as_the_row_reader_reads_them(tmp_path):
         assert [r["score"] for r in shards[0]] == [float(s) for s in scores]
     finally:
         shards.close()
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_parquet_image_index_columns_equal_entry_by_entry_reading(tmp_path, monkeypatch, sized):
+    """The columnar reading of a Parquet index accepts exactly the rows the entry-by-entry reader
+    accepts, keeps the index's order, and leaves every other row to that reader's exact reason."""
+    import bpr_core.formats as formats
+
+    ids = [5, 3, 9, None, 7, 7, 11, 11, 11, 2 ** 63 + 5, -4, 13, 0, 8]
+    paths = ["a.png", "b.png", "c.png", "d.png", "e.png", "e2.png", "f.png", "f2.png", "f3.png", "g.png", "", None, "z.png", "y.png"]
+    id_col = pa.array([i if i is None or i >= 0 else 4 for i in ids], pa.uint64())  # uint64: 2**63+5 is out of range
+    data = {"image_id": id_col, "path": pa.array(paths, pa.string())}
+    if sized:
+        data["height"] = pa.array([4, None, 4, 1, 4, None, None, None, None, None, 2, 1, 1, 0], pa.int32())
+        data["width"] = pa.array([6, None, 2, 1, None, None, None, None, None, None, 2, 1, 1, 3], pa.int32())
+    pq.write_table(pa.table(data), tmp_path / "index.parquet")
+    got = read_image_index(tmp_path / "index.parquet")
+    calls = []
+    monkeypatch.setattr(formats, "_columnar_index", lambda t: calls.append(1) or (None, np.arange(t.num_rows)))
+    want = read_image_index(tmp_path / "index.parquet")
+    assert calls  # the reference really took the entry-by-entry path
+    assert list(got.records) == list(want.records) and len(want.records) >= 3
+    assert {k: got.records[k] for k in got.records} == {k: want.records[k] for k in want.records}
+    assert got.invalid == want.invalid and got.unattributable == want.unattributable
+    assert got.invalid and want.unattributable  # both kinds of bad row were there
