@@ -26,7 +26,7 @@ from bpr_core.formats import (INSTANCE_COLUMNS, INT64_MAX, REFINED_SCHEMA, Image
 from bpr_core.refiner import make_patch_refiner
 
 from . import storage
-from .commit import ImageStats
+from .commit import ImageListing
 from .options import RefineOptions
 
 
@@ -70,6 +70,7 @@ SPILL_SCHEMA = pa.schema([(n, REFINED_SCHEMA.field(n).type) for n in INSTANCE_CO
                          + [("source_file", pa.string()), ("position", pa.int64()), ("detector_fields", pa.string()),
                             ("file_name", pa.string()),
                             ("image_identity", pa.string())])  # the image file's size:mtime (part of the shard key)
+STORED_SCHEMA = SPILL_SCHEMA.remove(SPILL_SCHEMA.get_field_index("image_identity"))  # identities join when a shard is read
 SPILL_ORDER = [("image_id", "ascending"), ("instance_id", "ascending"), ("source_file", "ascending"), ("position", "ascending")]
 
 
@@ -82,7 +83,10 @@ class ShardSpill:
     position is unique within its source file, and counts its images (`images`, for progress).
     """
 
-    def __init__(self, n_shards: int, buffer_rows: int = 50_000):
+    def __init__(self, n_shards: int, buffer_rows: int = 50_000, index: "ArrowIndex | None" = None):
+        """`index`: gives a shard's rows their image identities when the shard is read (its listing
+        of the images may still be running while rows are added); without it, image_identity is
+        null. The spill owns it from here (`close`)."""
         import tempfile
 
         self.dir = tempfile.mkdtemp(prefix="bpr-refine-")
@@ -92,13 +96,14 @@ class ShardSpill:
         self._files: list[int] = [0] * n_shards
         self._tables: dict[int, list[pa.Table]] = defaultdict(list)
         self._buffered, self.buffer_rows = 0, buffer_rows
+        self.index = index
 
     def add(self, shard: int, row: dict) -> None:
-        """One row (a dict of SPILL_SCHEMA's fields)."""
-        self.add_table(shard, pa.Table.from_pylist([row], schema=SPILL_SCHEMA))
+        """One row (a dict of STORED_SCHEMA's fields)."""
+        self.add_table(shard, pa.Table.from_pylist([row], schema=STORED_SCHEMA))
 
     def add_table(self, shard: int, table: pa.Table) -> None:
-        """Rows of one shard as an Arrow table of SPILL_SCHEMA (the columnar path: no per-row work)."""
+        """Rows of one shard as an Arrow table of STORED_SCHEMA (the columnar path: no per-row work)."""
         self._tables[shard].append(table)
         self.counts[shard] += table.num_rows
         self._buffered += table.num_rows
@@ -109,7 +114,7 @@ class ShardSpill:
         for shard, tables in self._tables.items():
             table = pa.concat_tables(tables)
             with pa.OSFile(os.path.join(self.dir, f"{shard}-{self._files[shard]}.arrow"), "wb") as sink:
-                with pa.ipc.new_stream(sink, SPILL_SCHEMA) as writer:
+                with pa.ipc.new_stream(sink, STORED_SCHEMA) as writer:
                     writer.write_table(table)
             self._files[shard] += 1
         self._tables.clear()
@@ -127,7 +132,8 @@ class ShardSpill:
             return SPILL_SCHEMA.empty_table()
         table = pa.concat_tables(tables).sort_by(SPILL_ORDER).combine_chunks()
         self.images[shard] = len(pc.unique(table["image_id"]))
-        return table
+        identities = self.index.identities_of(table) if self.index else pa.nulls(table.num_rows, pa.string())
+        return table.append_column(SPILL_SCHEMA.field("image_identity"), identities)
 
     def __getitem__(self, shard: int) -> list[dict]:
         return self.table(shard).to_pylist()
@@ -138,6 +144,8 @@ class ShardSpill:
     def close(self) -> None:
         import shutil
 
+        if self.index:
+            self.index.close()  # a listing still running in the background is stopped
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -156,7 +164,7 @@ def _table_files(loc: storage.Location) -> list[storage.Location]:
     return [loc]
 
 
-INPUT_SCHEMA = pa.schema([f for f in SPILL_SCHEMA if f.name not in ("file_name", "image_identity")])  # validated rows before the index
+INPUT_SCHEMA = STORED_SCHEMA.remove(STORED_SCHEMA.get_field_index("file_name"))  # validated rows before the index
 BATCH_ROWS = 65_536  # rows per columnar step (Parquet batches; results-JSON rows are gathered into tables of this size)
 
 
@@ -270,14 +278,27 @@ def _batches(coarse_loc: storage.Location, index: ImageIndex, sources: list[str]
 
 class ArrowIndex:
     """The image index as arrays: the usable image ids sorted (an image's rank = its position, which
-    decides its shard) with their file names and file identities (size:mtime from one listing of
-    the images root), and the ids whose entry is unusable with the reason. Looking rows up is a
-    vectorised binary search, with no per-row work."""
+    decides its shard) with their file names and the ids whose entry is unusable with the reason.
+    Looking rows up is a vectorised binary search, with no per-row work.
 
-    def __init__(self, index: ImageIndex, stats: ImageStats):
+    File identities (size:mtime, part of the shard keys) come from one listing of the images root
+    (`listing`, which may run in a child process while the instances are read) and are joined to
+    the rows when a shard is read (`identities_of`), not during ingest."""
+
+    def __init__(self, index: ImageIndex, listing: ImageListing):
         self.ids, self.file_names = index.records.sorted_ids, index.records.sorted_file_names
-        self.identities = stats.identities(self.file_names)
         self.invalid = index.invalid  # never among the usable ids (read_image_index drops them)
+        self.listing = listing
+        self._identities: pa.Array | None = None
+
+    def identities_of(self, table: pa.Table) -> pa.Array:
+        """The image identity of each row of a shard's table (every row's image is in the index)."""
+        if self._identities is None:  # once: every image's identity, in rank order
+            self._identities = self.listing.result().identities(self.file_names)
+        return self._identities.take(pa.array(self.rank(table["image_id"].to_numpy())))
+
+    def close(self) -> None:
+        self.listing.close()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -321,21 +342,29 @@ def _route(table: pa.Table, index: ArrowIndex, opts: RefineOptions, shards: "Sha
     shard = rank // opts.shard_size
     order = np.argsort(shard, kind="stable")
     ranks = pa.array(rank[order])
-    table = table.take(order).append_column("file_name", index.file_names.take(ranks)).append_column(
-        "image_identity", index.identities.take(ranks))
+    table = table.take(order).append_column("file_name", index.file_names.take(ranks))
     shard = shard[order]
     cuts = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1], True])
     for a, b in zip(cuts[:-1], cuts[1:]):
         shards.add_table(int(shard[a]), table.slice(a, b - a))
 
 
-def index_images(opts: RefineOptions) -> tuple[ImageIndex, ArrowIndex]:
-    """The image index as read (for the results-JSON reader's polygon sizes) and as arrays with each
-    image's file identity from one listing of the images root: the driver's per-image work."""
+# From this many images on, the images root is listed in a child process while the driver reads the
+# instances (a stat per file costs ~3 us here, more than the rest of the driver's per-image work);
+# below it, starting a process (~1 s) costs more than the listing.
+BACKGROUND_LISTING_IMAGES = 100_000
+
+
+def index_images(opts: RefineOptions, background: bool | None = None) -> tuple[ImageIndex, ArrowIndex]:
+    """The image index as read (for the results-JSON reader's polygon sizes) and as arrays, with
+    the listing of the images root for the file identities started (`background`: in a child
+    process; by default from BACKGROUND_LISTING_IMAGES images on): the driver's per-image work."""
     records = _load_index(storage.resolve(opts.image_info))
     for problem in records.unattributable[:5]:
         _progress(f"warning: {problem} (entry ignored)")
-    return records, ArrowIndex(records, ImageStats(opts.images))
+    if background is None:
+        background = len(records.records) >= BACKGROUND_LISTING_IMAGES
+    return records, ArrowIndex(records, ImageListing(opts.images, background))
 
 
 def prepare_shards(opts: RefineOptions, indexed: tuple[ImageIndex, ArrowIndex] | None = None) -> tuple[ShardSpill, list[dict], int]:
@@ -349,7 +378,7 @@ def prepare_shards(opts: RefineOptions, indexed: tuple[ImageIndex, ArrowIndex] |
     """
     check_inputs(opts)
     records, index = indexed or index_images(opts)
-    shards = ShardSpill((len(index) + opts.shard_size - 1) // opts.shard_size)
+    shards = ShardSpill((len(index) + opts.shard_size - 1) // opts.shard_size, index=index)
     quarantined, n_in = [], 0
     for table, others in _batches(storage.resolve(opts.coarse), records, shards.sources):
         n_in += table.num_rows + len(others)

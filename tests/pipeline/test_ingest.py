@@ -191,3 +191,38 @@ def test_parquet_image_index_columns_equal_entry_by_entry_reading(tmp_path, monk
     assert {k: got.records[k] for k in got.records} == {k: want.records[k] for k in want.records}
     assert got.invalid == want.invalid and got.unattributable == want.unattributable
     assert got.invalid and want.unattributable  # both kinds of bad row were there
+
+
+def test_listing_in_a_child_process_gives_the_same_shards_and_keys(tmp_path):
+    """The images root listed in a child process while the instances are read: the shards (rows and
+    image identities) and their keys equal an in-process listing's; a replaced image changes its
+    identity in both; closing the spill stops the child and removes its file."""
+    from pipeline.commit import shard_key
+    from pipeline.ingest import index_images
+
+    _index(tmp_path, 12)
+    rows = [{"image_id": i % 12 + 1, "category_id": 1, "score": 0.5, "segmentation": {"size": [8, 8], "counts": RLE}}
+            for i in range(30)]
+    (tmp_path / "in.json").write_text(json.dumps(rows))
+    opts = RefineOptions(images=str(tmp_path / "images"), coarse=str(tmp_path / "in.json"),
+                         image_info=str(tmp_path / "index.json"), out=str(tmp_path / "out"), method="identity", shard_size=5)
+
+    def shards_and_keys(background):
+        indexed = index_images(opts, background=background)
+        assert (indexed[1].listing._process is not None) == background
+        shards, _, _ = prepare_shards(opts, indexed)
+        try:
+            tables = [shards.table(i) for i in range(len(shards))]
+            assert background or indexed[1].listing.cpu_s > 0
+            return tables, [shard_key(t, "m", "c") for t in tables]
+        finally:
+            shards.close()
+            assert indexed[1].listing._process is None and indexed[1].listing._dir is None
+
+    here, keys = shards_and_keys(False)
+    child, child_keys = shards_and_keys(True)
+    assert len(here) == 3 and all(a.equals(b) for a, b in zip(here, child)) and keys == child_keys
+    assert all(v is not None and v != "missing" for t in child for v in t["image_identity"].to_pylist())
+    (tmp_path / "images" / "7.png").write_bytes(b"replaced, another size")
+    again, again_keys = shards_and_keys(True)
+    assert [a == b for a, b in zip(keys, again_keys)] == [True, False, True]  # image 7 is in shard 1 only
