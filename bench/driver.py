@@ -2,13 +2,20 @@
 input sizes and projected to 20M instances.
 
 The driver's own work, without Ray (the workers' part is not the driver's); the images are empty
-files, listed by the driver (their size and mtime are part of the shard keys), never decoded:
-    index     read the image index and list the images root (per image, not per instance)
+files, listed (their size and mtime are part of the shard keys), never decoded:
+    index     read the image index (a Parquet table with the Parquet input, COCO JSON with the JSON
+              input; per image, not per instance) and start the listing of the images root in a
+              child process, as the job does from 100k images on (its CPU is reported apart, as
+              `listing`, and not counted as the driver's)
     ingest    read the input (a Parquet instance table column by column, or a results JSON entry by
               entry), validate it against the image index, spill by shard
-    plan      per shard: read the spill, hash the shard key, cut Arrow input blocks (what goes to ray.put)
+    plan      per shard: read the spill, join the image identities, hash the shard key, cut Arrow
+              input blocks (what goes to ray.put)
     receipts  the commit bookkeeping for one receipt per written part
-    assemble  stream the committed parts into refined.json and quarantine.parquet
+    assemble  concatenate the shards' summaries into refined.json and quarantine.parquet; each
+              shard's parts are read and summarised (`shard_summary`) in a child process here, as
+              in Ray tasks in the job from 200k instances on (that CPU is reported apart, as
+              `summaries`, and not counted as the driver's; unpickling the summaries is)
 Each size runs in its own process, so its peak RSS is its own; memory is reported as the peak over
 the RSS after start-up (imports, model load), per instance.
 
@@ -46,6 +53,7 @@ def _peak_mb() -> float:
 
 
 FORMATS = {"parquet": "coarse.parquet", "json": "coarse.json"}
+INDEXES = {"parquet": "index.parquet", "json": "annotations.json"}  # the image index each input comes with
 
 
 def write_inputs(root: Path, instances: int, fmt: str = "json", per_image: int = 4) -> Path:
@@ -53,7 +61,7 @@ def write_inputs(root: Path, instances: int, fmt: str = "json", per_image: int =
     instance table, the image index and the images as empty files (the driver lists them, never
     reads them), written once per size."""
     d = root / f"driver-{instances}"
-    if (d / FORMATS[fmt]).exists():
+    if (d / FORMATS[fmt]).exists() and (d / INDEXES[fmt]).exists():
         return d
     (d / "images").mkdir(parents=True, exist_ok=True)
     n_images = (instances + per_image - 1) // per_image
@@ -69,6 +77,10 @@ def write_inputs(root: Path, instances: int, fmt: str = "json", per_image: int =
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        ids = np.arange(1, n_images + 1, dtype=np.int64)
+        pq.write_table(pa.table({"image_id": ids, "path": pa.array([f"{i:08d}.png" for i in ids.tolist()]),
+                                 "height": np.full(n_images, 8), "width": np.full(n_images, 8)}), d / "index.tmp")
+        os.replace(d / "index.tmp", d / INDEXES[fmt])
         k = np.arange(instances, dtype=np.int64)
         pq.write_table(pa.table({"image_id": k // per_image + 1, "instance_id": k, "category_id": np.ones(instances, np.int64),
                                  "score": np.full(instances, 0.5), "rle_counts": pa.repeat(pa.scalar(RLE_8x8), instances),
@@ -86,6 +98,15 @@ def write_inputs(root: Path, instances: int, fmt: str = "json", per_image: int =
     return d
 
 
+def _summary(args: tuple) -> tuple[dict, float]:
+    """In the child process: one shard's summary and the CPU seconds it took."""
+    from pipeline.outputs import shard_summary
+
+    started = time.process_time()
+    summary = shard_summary(*args)
+    return summary, time.process_time() - started
+
+
 def measure(d: Path, work: Path, fmt: str = "json") -> dict:
     """Run the driver's phases over one input (in this process) and time them."""
     import pyarrow as pa
@@ -101,7 +122,7 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
 
     from bpr_core.refiner import make_patch_refiner
 
-    opts = RefineOptions(images=str(d / "images"), coarse=str(d / FORMATS[fmt]), image_info=str(d / "annotations.json"),
+    opts = RefineOptions(images=str(d / "images"), coarse=str(d / FORMATS[fmt]), image_info=str(d / INDEXES[fmt]),
                          out=str(work / "out"), method="identity")
     _, cfg, card = make_patch_refiner("identity", None, "cpu", {})
     out = storage.resolve(opts.out)
@@ -116,7 +137,7 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
         return result
 
     check_inputs(opts)
-    indexed = timed("index", lambda: index_images(opts))  # per image: the index and the listing of the images
+    indexed = timed("index", lambda: index_images(opts, background=True))  # per image: the index; the listing starts
     shards, quarantined, n_in = timed("ingest", lambda: prepare_shards(opts, indexed))
     model_id = model_identity("identity", None, card)
     ledger = ShardLedger(out, opts.max_unreadable_share)
@@ -154,14 +175,31 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
                 ledger.commit(i)
 
     timed("receipts", bookkeeping)
-    manifest = timed("assemble", lambda: assemble(opts, out, shards, keys, quarantined, n_in, cfg, card))
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    summary_cpu = [0.0]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_summary, (out.uri, 0, False)).result()  # the child's start-up and imports, untimed
+
+        def summaries():
+            for summary, cpu_s in pool.map(_summary, [(out.uri, i, len(shards.sources) > 1) for i in range(len(shards))]):
+                summary_cpu[0] += cpu_s
+                yield summary
+
+        manifest = timed("assemble", lambda: assemble(opts, out, shards, keys, quarantined, n_in, cfg, card, summaries()))
+    listing_cpu = indexed[1].listing.cpu_s  # in the child process: not the driver's CPU
     shards.close()
     assert manifest["invariant"]["ok"], manifest["invariant"]
     cpu = sum(p["cpu_s"] for p in phases.values())
     peak = _peak_mb()
     return {"format": fmt, "instances": n_in, "images": sum(shards.images), "shards": len(shards), "input_blocks": n_blocks,
             "phases": phases, "cpu_s": round(cpu, 3), "cpu_us_per_instance": round(1e6 * cpu / n_in, 2),
-            # the two parts of the cost: per image (index, listing) and per instance (everything else)
+            "listing": {"where": "child process", "cpu_s": round(listing_cpu, 3),
+                        "cpu_us_per_image": round(1e6 * listing_cpu / max(1, len(indexed[1])), 2)},
+            "summaries": {"where": "child process", "cpu_s": round(summary_cpu[0], 3),
+                          "cpu_us_per_instance": round(1e6 * summary_cpu[0] / n_in, 2)},
+            # the two parts of the driver's cost: per image (the index) and per instance (everything else)
             "index_cpu_us_per_image": round(1e6 * phases["index"]["cpu_s"] / max(1, len(indexed[1])), 2),
             "other_cpu_us_per_instance": round(1e6 * (cpu - phases["index"]["cpu_s"]) / n_in, 2),
             "base_rss_mb": round(base_rss, 1), "peak_rss_mb": round(peak, 1),
@@ -207,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{fmt:>8} {n:>10,} instances: driver CPU {p['cpu_s']:.1f} s ({p['cpu_us_per_instance']:.1f} us/instance: "
                   + ", ".join(f"{k} {v['cpu_s']:.1f} s" for k, v in p["phases"].items())
                   + f"), peak RSS {p['peak_rss_mb']:.0f} MB ({p['memory_bytes_per_instance']:.0f} B/instance over start-up); "
-                  f"= {p['index_cpu_us_per_image']:.1f} us per image + {p['other_cpu_us_per_instance']:.2f} us per instance")
+                  f"= {p['index_cpu_us_per_image']:.1f} us per image + {p['other_cpu_us_per_instance']:.2f} us per instance; "
+                  f"off the driver: listing {p['listing']['cpu_s']:.1f} s ({p['listing']['cpu_us_per_image']:.1f} us per image), "
+                  f"shard summaries {p['summaries']['cpu_s']:.1f} s ({p['summaries']['cpu_us_per_instance']:.2f} us per instance)")
         by_format[fmt] = {"points": points, "projection_20m": project(points)}
         pr = by_format[fmt]["projection_20m"]
         print(f"{fmt:>8} projected to 20M instances: {pr['cpu_minutes']} CPU-minutes on the driver, peak RSS {pr['peak_rss_gb']} GB "

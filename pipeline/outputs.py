@@ -72,6 +72,31 @@ def count_duplicates(table: pa.Table) -> int:
     return sum(a == b for a, b in zip(sources.take(pa.array(k)).to_pylist(), sources.take(pa.array(k + 1)).to_pylist()))
 
 
+def shard_summary(out_uri: str, shard: int, with_source: bool) -> dict:
+    """What assembly needs from one committed shard, read from its parts: its refined.json entries
+    as one text in output order (`text`, `entries`), its counts per status, its duplicated input
+    rows, and its quarantined rows in full. A function of the parts alone, so it can run anywhere:
+    the job runs it in Ray tasks, shards in parallel, and the driver only concatenates (`assemble`)."""
+    loc = storage.resolve(out_uri).join("parts", f"shard-{shard:05d}")
+    table = shard_results(loc, with_source, KEY_COLUMNS)
+    statuses = {s.as_py(): n.as_py() for s, n in zip(*pc.value_counts(table["status"]).flatten())}
+    quarantined = []
+    if statuses.get("quarantined"):  # rare: read the whole rows of this shard for quarantine.parquet
+        full = shard_results(loc, with_source)
+        quarantined = full.filter(pc.equal(full["status"], "quarantined")).to_pylist()
+    entries = table[RESULT_JSON].drop_null().combine_chunks()
+    text = ""
+    if len(entries):  # joined in Arrow: no Python string per entry
+        text = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(entries)], pa.int32()), entries), ",\n")[0].as_py()
+    return {"text": text, "entries": len(entries), "statuses": statuses, "duplicates": count_duplicates(table),
+            "quarantined": quarantined}
+
+
+def local_summaries(out_uri: str, n_shards: int, with_source: bool):
+    """Every shard's summary, in shard order, computed here one after the other."""
+    return (shard_summary(out_uri, i, with_source) for i in range(n_shards))
+
+
 def reason_kind(reason: str) -> str:
     """A quarantine reason -> a short kind for the summary line and the manifest."""
     if is_read_failure(reason):
@@ -90,8 +115,11 @@ def reason_kind(reason: str) -> str:
     return "other"
 
 
-def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
+def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card, summaries=None) -> dict:
     """Stream committed parts into refined.json and quarantine.parquet; check the invariant.
+
+    `summaries`: each shard's `shard_summary`, in shard order (the job computes them in Ray tasks);
+    by default they are computed here, shard by shard. Either way this only concatenates.
 
     refined.json holds every input detection that has a mask: refined, passed through, and
     quarantined ones too (with their coarse mask, `bpr_status` and `bpr_reason`), so downstream AP
@@ -115,28 +143,25 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card) -> dict:
     with storage.AtomicWriter(out.join("refined.json")) as f:
         f.write("[")
 
-        def emit(entries: list[str]) -> None:
+        def emit(text: str, entries: int) -> None:
             nonlocal in_json
             if entries:
-                f.write(("," if in_json else "") + "\n" + ",\n".join(entries))
-                in_json += len(entries)
+                f.write(("," if in_json else "") + "\n" + text)
+                in_json += entries
 
-        for i in range(len(shards)):
-            loc = out.join("parts", f"shard-{i:05d}")
-            table = shard_results(loc, with_source, KEY_COLUMNS)
-            duplicates += count_duplicates(table)
-            statuses = {s.as_py(): n.as_py() for s, n in zip(*pc.value_counts(table["status"]).flatten())}
-            for status, n in statuses.items():
+        if summaries is None:
+            summaries = local_summaries(out.uri, len(shards), with_source)
+        for summary in summaries:
+            duplicates += summary["duplicates"]
+            for status, n in summary["statuses"].items():
                 counts[status] += n
-            if statuses.get("quarantined"):  # rare: read the whole rows of this shard for quarantine.parquet
-                full = shard_results(loc, with_source)
-                quarantine_rows.extend(full.filter(pc.equal(full["status"], "quarantined")).to_pylist())
-            emit(table[RESULT_JSON].to_pylist())
+            quarantine_rows.extend(summary["quarantined"])
+            emit(summary["text"], summary["entries"])
         for row in quarantine_rows[: len(prep_quarantine)]:  # stopped before sharding: pass those with a mask through
             row["status"] = "quarantined"
             row[RESULT_JSON] = json.dumps(row_to_result(row, with_source), separators=(",", ":")) if representable(row) else None
             if row[RESULT_JSON]:
-                emit([row[RESULT_JSON]])
+                emit(row[RESULT_JSON], 1)
         f.write("\n]\n")
     for row in quarantine_rows:
         kinds[reason_kind(row["reason"] or "")] += 1

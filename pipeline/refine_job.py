@@ -84,7 +84,17 @@ def _run(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, leas
     keys, blocks, pending, skipped = [], [], [], 0
     done_images = done_instances = 0
     # Keys first (a shard's rows are read from the spill one shard at a time): committed shards are
-    # skipped, the others' rows go to the object store as blocks of whole images.
+    # skipped, the others' rows go to the object store as blocks of whole images. The block size
+    # depends on how many shards are pending (`graph.images_per_put`), so the first pending shards
+    # are held until there are enough of them for whole-shard blocks, or until the last shard.
+    held: list[tuple[int, object]] = []
+    per_put = 0
+
+    def put(held: list) -> None:
+        for i, table in held:
+            blocks.extend(ray.put(b) for b in graph.input_blocks(table, i, per_put))
+        held.clear()
+
     for i in range(len(shards)):
         table = shards.table(i)
         key = shard_key(table, model_id, cfg.config_hash(), policy)
@@ -96,11 +106,18 @@ def _run(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, leas
             continue
         ledger.start(i, key, table.num_rows, shards.images[i])
         pending.append(i)
-        blocks.extend(ray.put(b) for b in graph.input_blocks(table, i, opts.images_per_block))
+        held.append((i, table))
+        if not per_put and len(held) >= 4 * pools.extract:
+            per_put = graph.images_per_put(opts, len(held), pools.extract)
+        if per_put:
+            put(held)
+    per_put = per_put or graph.images_per_put(opts, len(held), pools.extract)
+    put(held)
     total_images = sum(shards.images)
     _progress(f"bpr refine: {total_images:,} images, {n_in:,} instances ({len(prep_quarantine):,} quarantined on reading), "
               f"{len(shards)} shards of up to {opts.shard_size} images ({skipped} already done); refiner {card.get('name')} "
-              f"({opts.method}) on {device}, up to {pools.refine[1]} refinement and {pools.extract} extraction actors; "
+              f"({opts.method}) on {device}, up to {pools.refine[1]} refinement and {pools.extract} extraction actors, "
+              f"{len(blocks)} input blocks of up to {per_put} images; "
               f"config {cfg.config_hash()}")
     progress = Progress(total_images, n_in, interval=opts.progress_interval)
     progress.add(done_images, done_instances + len(prep_quarantine), 0, already_done=True,
@@ -136,7 +153,10 @@ def _run(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, leas
         unfinished = [ledger.name(i) for i in pending if i not in committed]
         if unfinished:
             raise RuntimeError(f"the flow ended with shards not complete: {', '.join(unfinished[:5])}; not committing them")
-    manifest = assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card)
+    summaries = None
+    if n_in >= PARALLEL_ASSEMBLY_INSTANCES:
+        summaries = _ray_summaries(out.uri, len(shards), with_source)
+    manifest = assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card, summaries)
     if opts.visualize or opts.visualize_ids:
         _visualize(opts, out, shards, cfg, manifest)
     manifest["timings"] = {"total_seconds": round(time.time() - t0, 3), "shards_run": len(timings), "shards_skipped": skipped,
@@ -145,12 +165,39 @@ def _run(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, leas
                            # shard (a restarted actor counts again)
                            "actors": {stage: sum(1 for a in actors if a.startswith(stage + ":")) for stage in ("extract", "refine")}}
     manifest["device"] = device
-    manifest["pools"] = pools.manifest()  # (min, max) actors per stage as resolved for this cluster
+    manifest["pools"] = {**pools.manifest(), "input_blocks": len(blocks), "images_per_put": per_put}  # as resolved for this cluster
     manifest["status"] = "complete"
     storage.write_bytes_atomic(out.join("manifest.json"), json.dumps(manifest, indent=2).encode())
     if stats_text:
         manifest["_stats"] = stats_text
     return manifest
+
+
+# From this many input instances on, the committed shards are read for the outputs in Ray tasks, in
+# parallel, and the driver only concatenates their texts (reading a shard's parts costs the driver
+# ~1 us per instance); below it, starting task workers costs more than reading the parts here.
+PARALLEL_ASSEMBLY_INSTANCES = 200_000
+
+
+def _ray_summaries(out_uri: str, n_shards: int, with_source: bool):
+    """Each shard's `shard_summary` from a Ray task, yielded in shard order, with as many in flight
+    as the cluster has CPUs. The tasks ask for no CPU (they are short and mostly I/O, and must not
+    wait behind actors still being released); the bound on tasks in flight limits them instead."""
+    from collections import deque
+
+    import ray
+
+    from .outputs import shard_summary
+
+    task = ray.remote(num_cpus=0, max_retries=3)(shard_summary).options(scheduling_strategy="SPREAD")
+    in_flight = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    pending: deque = deque()
+    for i in range(n_shards):
+        pending.append(task.remote(out_uri, i, with_source))
+        if len(pending) >= in_flight:
+            yield ray.get(pending.popleft())
+    while pending:
+        yield ray.get(pending.popleft())
 
 
 def _visualize(opts, out, shards, cfg, manifest) -> None:

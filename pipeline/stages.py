@@ -126,10 +126,13 @@ class ExtractPatches:
     source file is quarantined (the first by input position is kept)."""
 
     def __init__(self, images_uri: str, config: dict, exif: str = "stored", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 allow_absolute: bool = False):
+                 allow_absolute: bool = False, images_per_step: int | None = None):
         self.reader = ImageReader(images_uri, exif, max_pixels, allow_absolute)
         self.cfg = BPRConfig.from_dict(config)
         self.actor = actor_id("extract")
+        # Images per output batch: an input block may hold a whole shard (one object put by the
+        # driver), and its patches go downstream every `images_per_step` images (None: one batch).
+        self.images_per_step = images_per_step
         cv2.setNumThreads(1)
 
     def _image(self, batch: dict, idx: list[int]) -> flow.PatchBatch:
@@ -161,15 +164,25 @@ class ExtractPatches:
                 preset[n] = (flow.QUARANTINED, f"invalid RLE for image_id {image_id} instance {batch['instance_id'][i]}: {e}")
         return flow.extract(image, masks, self.cfg, preset)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict):
+        """Yields one output batch per `images_per_step` images of the input block (a generator:
+        Ray Data streams each downstream as it is made, so a large block holds no more patches at
+        once than a small one)."""
         n = len(batch["image_id"])
         # Rows of one image, in (source_file, position) order so the first of duplicates is kept.
         order = sorted(range(n), key=lambda i: (int(batch["image_id"][i]), str(batch["source_file"][i]), int(batch["position"][i])))
         images: dict[int, list[int]] = {}
         for i in order:
             images.setdefault(int(batch["image_id"][i]), []).append(i)
+        groups = list(images.values())
+        step = self.images_per_step or max(1, len(groups))
+        for k in range(0, len(groups), step):
+            yield self._extract(batch, groups[k : k + step])
+
+    def _extract(self, batch: dict, groups: list[list[int]]) -> dict:
+        """The instances of some images (row indices per image) -> their output rows with patches."""
         rows, cols = [], {k: [] for k in PATCH_COLUMNS}
-        for idx in images.values():
+        for idx in groups:
             pb = self._image(batch, idx)
             for j, i in enumerate(idx):
                 span = pb.span(j)

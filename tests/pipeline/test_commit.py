@@ -8,7 +8,7 @@ import pytest
 from bpr_core.formats import JobFailed
 from pipeline import storage
 from pipeline.commit import ShardLedger, shard_key
-from pipeline.graph import input_blocks
+from pipeline.graph import images_per_put, input_blocks
 from pipeline.ingest import ShardSpill
 
 
@@ -74,3 +74,13 @@ def test_ledger_refuses_to_commit_a_shard_most_of_whose_images_could_not_be_read
     with pytest.raises(JobFailed, match="shard-00003: 3 of 4 images could not be read .* First error: image 0.png"):
         ledger.commit(3)
     assert not (tmp_path / "out" / "_commits").exists()
+
+
+def test_input_blocks_are_whole_shards_once_every_extraction_actor_has_four():
+    from pipeline.options import RefineOptions
+
+    opts = RefineOptions(images="i", coarse="c.json", image_info="a.json", out="o", shard_size=1000, images_per_block=8)
+    assert images_per_put(opts, pending_shards=500, extract_actors=2) == 1000  # one object put per shard
+    assert images_per_put(opts, pending_shards=8, extract_actors=2) == 1000
+    assert images_per_put(opts, pending_shards=1, extract_actors=2) == 125  # one shard cut for 8 blocks
+    assert images_per_put(opts, pending_shards=1, extract_actors=64) == 8  # never below --images-per-block

@@ -64,7 +64,7 @@ def test_rerun_does_no_work_and_new_detections_refine_only_the_new_shard(ray_ses
     assert (out / "refined.json").read_bytes().startswith(before[: before.rfind(b"}") + 1])
 
 
-def test_missing_image_is_quarantined_and_the_rest_completes(ray_session, tmp_path, synth30):
+def test_missing_image_is_quarantined_and_the_rest_completes(ray_session, tmp_path, synth30, monkeypatch):
     data = tmp_path / "data"
     shutil.copytree(synth30, data)
     os.remove(data / "images" / "000004.png")  # image_id 5
@@ -77,6 +77,17 @@ def test_missing_image_is_quarantined_and_the_rest_completes(ray_session, tmp_pa
     entries = json.loads((tmp_path / "out" / "refined.json").read_text())
     assert len(entries) == len(coarse)  # every detection, the lost image's with their coarse masks
     assert sorted(e["bpr_status"] == "quarantined" for e in entries).count(True) == len(lost)
+    # The outputs assembled from shard summaries made in Ray tasks (as large jobs do) are the same bytes.
+    import pipeline.refine_job as refine_job
+
+    tasks = []
+    ray_summaries = refine_job._ray_summaries
+    monkeypatch.setattr(refine_job, "PARALLEL_ASSEMBLY_INSTANCES", 0)
+    monkeypatch.setattr(refine_job, "_ray_summaries", lambda *a: (tasks.append(s) or s for s in ray_summaries(*a)))
+    m2 = run(_opts(data, tmp_path / "out2", method="identity", shard_size=15))
+    assert len(tasks) == 2 and m2["counts"] == m["counts"] and m2["invariant"] == m["invariant"]
+    for name in ("refined.json", "quarantine.parquet"):
+        assert (tmp_path / "out2" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
 
 
 def test_killed_run_resumes_to_the_same_output_without_duplicates(tmp_path, synth30):
@@ -136,7 +147,10 @@ def test_one_flow_serves_every_shard_with_actors_started_once_and_gives_the_same
                     instances_per_call=7, instances_per_part=11, extract_actors=2, refine_actors=1))
     assert one["timings"]["shards_run"] == 1 and six["timings"]["shards_run"] == 6
     assert six["timings"]["actors"]["refine"] == 1 and 1 <= six["timings"]["actors"]["extract"] <= 2
-    assert one["pools"] == {"extract": [1, 1], "refine": [1, 2]}  # auto on 2 CPUs: up to one refinement actor per CPU
+    assert one["pools"] == {"extract": [1, 1], "refine": [1, 2],  # auto on 2 CPUs: up to one refinement actor per CPU
+                            "input_blocks": 4, "images_per_put": 8}  # 30 images for 4 blocks per extraction actor
+    # six shards for two extraction actors: blocks of 4 images (8 blocks wanted), 2 per 5-image shard
+    assert six["pools"]["images_per_put"] == 4 and six["pools"]["input_blocks"] == 12
     assert one["timings"]["actors"]["extract"] == 1 and 1 <= one["timings"]["actors"]["refine"] <= 2
     assert (tmp_path / "six" / "refined.json").read_bytes() == (tmp_path / "one" / "refined.json").read_bytes()
     assert sorted(p.name for p in (tmp_path / "six" / "_commits").iterdir()) == [f"shard-0000{i}.json" for i in range(6)]

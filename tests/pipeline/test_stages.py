@@ -40,7 +40,9 @@ def _flow(data, rows, out, method="identity"):
     block = input_blocks(pa.Table.from_pylist(rows, schema=SPILL_SCHEMA), 3, images_per_block=10**6)
     assert len(block) == 1 and block[0].schema == WORK_SCHEMA
     batch = {name: np.asarray(block[0].column(name).to_pylist()) for name in block[0].column_names}
-    patches = ExtractPatches(str(data / "images"), CFG.to_dict())(batch)
+    out_batches = list(ExtractPatches(str(data / "images"), CFG.to_dict())(batch))
+    assert len(out_batches) == 1  # without a step, the whole block is one output batch
+    patches = out_batches[0]
     probs = RefinePatches(method, None, "cpu", CFG.to_dict())(patches)
     receipts = WriteParts(str(out), CFG.to_dict(), method, "1", CFG.config_hash())(probs)
     return patches, probs, receipts
@@ -68,6 +70,33 @@ def test_one_batch_through_every_stage_returns_the_identity_bit_for_bit(tmp_path
         got = by_pos[r["position"]]
         assert got["rle_counts"] == r["rle_counts"] and got["status"] in ("refined", "passed_through")
         assert got["coarse_area"] == got["refined_area"]
+
+
+def test_extraction_hands_on_a_large_block_every_few_whole_images(synthetic_small):
+    """A block of a whole shard (as the driver puts for large jobs) comes out in batches of at most
+    `images_per_step` whole images, which together are the one-batch output row for row."""
+    import pyarrow as pa
+
+    from pipeline.ingest import SPILL_SCHEMA
+
+    rows = _rows(synthetic_small)
+    block = input_blocks(pa.Table.from_pylist(rows, schema=SPILL_SCHEMA), 0, images_per_block=10**6)[0]
+    batch = {name: np.asarray(block.column(name).to_pylist()) for name in block.column_names}
+    (whole,) = ExtractPatches(str(synthetic_small / "images"), CFG.to_dict())(batch)
+    steps = list(ExtractPatches(str(synthetic_small / "images"), CFG.to_dict(), images_per_step=3)(batch))
+    n_images = len(set(batch["image_id"].tolist()))
+    assert n_images > 6 and len(steps) == -(-n_images // 3)
+    seen: set = set()
+    for step in steps:
+        ids = set(step["image_id"].tolist())
+        assert len(ids) <= 3 and not ids & seen  # whole images, each in one batch
+        seen |= ids
+    for k in whole:
+        if k == "extract_actor":
+            continue
+        got = np.concatenate([step[k] for step in steps])
+        assert len(got) == len(whole[k]) and all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+                                                  for a, b in zip(got, whole[k])), k
 
 
 def test_extraction_checks_each_image_duplicates_and_unreadable_files(tmp_path, synthetic_small):
