@@ -10,12 +10,12 @@ files, listed (their size and mtime are part of the shard keys), never decoded:
     ingest    read the input (a Parquet instance table column by column, or a results JSON entry by
               entry), validate it against the image index, spill by shard
     plan      per shard: read the spill, join the image identities, hash the shard key, cut Arrow
-              input blocks (what goes to ray.put)
+              input blocks and put them into a local Ray's object store (`graph.images_per_put`)
     receipts  the commit bookkeeping for one receipt per written part
     assemble  concatenate the shards' summaries into refined.json and quarantine.parquet; each
-              shard's parts are read and summarised (`shard_summary`) in a child process here, as
-              in Ray tasks in the job from 200k instances on (that CPU is reported apart, as
-              `summaries`, and not counted as the driver's; unpickling the summaries is)
+              shard's parts are read and summarised (`shard_summary`) in Ray tasks and one task
+              writes refined.json, as in the job from 200k instances on (their CPU is reported
+              apart, as `summaries`, and not counted as the driver's; getting their counts is)
 Each size runs in its own process, so its peak RSS is its own; memory is reported as the peak over
 the RSS after start-up (imports, model load), per instance.
 
@@ -40,10 +40,12 @@ from pathlib import Path
 RLE_8x8 = "b04400000>"  # a 4x4 square in an 8x8 mask (the driver never decodes masks)
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory in MB: VmRSS (all), or RssShmem (shared memory mapped in: here the object
+    store's pages the driver's puts wrote)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -98,15 +100,6 @@ def write_inputs(root: Path, instances: int, fmt: str = "json", per_image: int =
     return d
 
 
-def _summary(args: tuple) -> tuple[dict, float]:
-    """In the child process: one shard's summary and the CPU seconds it took."""
-    from pipeline.outputs import shard_summary
-
-    started = time.process_time()
-    summary = shard_summary(*args)
-    return summary, time.process_time() - started
-
-
 def measure(d: Path, work: Path, fmt: str = "json") -> dict:
     """Run the driver's phases over one input (in this process) and time them."""
     import pyarrow as pa
@@ -117,7 +110,8 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
     from pipeline.commit import ShardLedger, model_identity, shard_key
     from pipeline.ingest import check_inputs, index_images, prepare_shards
     from pipeline.options import RefineOptions
-    from pipeline.outputs import assemble
+    from pipeline.outputs import assemble, local_summaries, write_refined_json
+    from pipeline.refine_job import _ray_summaries, _ray_write_json
     from pipeline.stages import RESULT_JSON, part_schema
 
     from bpr_core.refiner import make_patch_refiner
@@ -127,13 +121,21 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
     _, cfg, card = make_patch_refiner("identity", None, "cpu", {})
     out = storage.resolve(opts.out)
     storage.makedirs(out)
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init("local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # the puts and summary tasks are real
     base_rss = _rss_mb()
     phases = {}
+
+    shmem = [0.0]
 
     def timed(name, fn):
         c, t = time.process_time(), time.perf_counter()
         result = fn()
         phases[name] = {"cpu_s": round(time.process_time() - c, 3), "wall_s": round(time.perf_counter() - t, 3)}
+        shmem[0] = max(shmem[0], _rss_mb("RssShmem"))
         return result
 
     check_inputs(opts)
@@ -142,16 +144,24 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
     model_id = model_identity("identity", None, card)
     ledger = ShardLedger(out, opts.max_unreadable_share)
 
+    # Blocks as the job cuts them on this box's cluster (2 CPUs: one extraction actor).
+    per_put = graph.images_per_put(opts, len(shards), extract_actors=1)
+    refs, put_bytes = [], [0]
+
     def plan():
-        keys, n_blocks = [], 0
+        keys = []
         for i in range(len(shards)):
             table = shards.table(i)
             keys.append(shard_key(table, model_id, cfg.config_hash(), opts.read_policy()))
             ledger.start(i, keys[-1], table.num_rows, shards.images[i])
-            n_blocks += len(graph.input_blocks(table, i, opts.images_per_block))
-        return keys, n_blocks
+            for b in graph.input_blocks(table, i, per_put):
+                refs.append(ray.put(b))
+                put_bytes[0] += b.nbytes
+        return keys
 
-    keys, n_blocks = timed("plan", plan)
+    keys = timed("plan", plan)
+    n_blocks = len(refs)
+    del refs[:]  # (the job holds them until the flow has read them)
 
     # The workers' part, untimed: the parts a run would have written (identity: the coarse rows).
     extra = {"status": "passed_through", "reason": "", "coarse_area": 16, "refined_area": 16, "num_patches": 0,
@@ -175,35 +185,33 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
                 ledger.commit(i)
 
     timed("receipts", bookkeeping)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    summary_cpu = [0.0]
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(_summary, (out.uri, 0, False)).result()  # the child's start-up and imports, untimed
-
-        def summaries():
-            for summary, cpu_s in pool.map(_summary, [(out.uri, i, len(shards.sources) > 1) for i in range(len(shards))]):
-                summary_cpu[0] += cpu_s
-                yield summary
-
-        manifest = timed("assemble", lambda: assemble(opts, out, shards, keys, quarantined, n_in, cfg, card, summaries()))
+    with_source = len(shards.sources) > 1
+    manifest = timed("assemble", lambda: assemble(opts, out, shards, keys, quarantined, n_in, cfg, card,
+                                                  _ray_summaries(out.uri, len(shards), with_source), _ray_write_json))
+    peak = _peak_mb()  # before the measurement below, which holds every shard's text at once
+    started = time.process_time()  # what the Ray tasks did, measured here after the run (not the driver's)
+    write_refined_json(str(work / "again"), [s["text"] for s in local_summaries(out.uri, len(shards), with_source)])
+    summary_cpu = [time.process_time() - started]
+    ray.shutdown()
     listing_cpu = indexed[1].listing.cpu_s  # in the child process: not the driver's CPU
     shards.close()
     assert manifest["invariant"]["ok"], manifest["invariant"]
     cpu = sum(p["cpu_s"] for p in phases.values())
-    peak = _peak_mb()
-    return {"format": fmt, "instances": n_in, "images": sum(shards.images), "shards": len(shards), "input_blocks": n_blocks,
+    return {"format": fmt, "instances": n_in, "images": sum(shards.images), "shards": len(shards), "input_blocks": n_blocks, "images_per_put": per_put,
             "phases": phases, "cpu_s": round(cpu, 3), "cpu_us_per_instance": round(1e6 * cpu / n_in, 2),
             "listing": {"where": "child process", "cpu_s": round(listing_cpu, 3),
                         "cpu_us_per_image": round(1e6 * listing_cpu / max(1, len(indexed[1])), 2)},
-            "summaries": {"where": "child process", "cpu_s": round(summary_cpu[0], 3),
+            "summaries": {"where": "Ray tasks (their CPU measured in-process after the run)", "cpu_s": round(summary_cpu[0], 3),
                           "cpu_us_per_instance": round(1e6 * summary_cpu[0] / n_in, 2)},
             # the two parts of the driver's cost: per image (the index) and per instance (everything else)
             "index_cpu_us_per_image": round(1e6 * phases["index"]["cpu_s"] / max(1, len(indexed[1])), 2),
             "other_cpu_us_per_instance": round(1e6 * (cpu - phases["index"]["cpu_s"]) / n_in, 2),
             "base_rss_mb": round(base_rss, 1), "peak_rss_mb": round(peak, 1),
-            "memory_bytes_per_instance": round((peak - base_rss) * 2**20 / n_in, 1)}
+            "memory_bytes_per_instance": round((peak - base_rss) * 2**20 / n_in, 1),
+            # of the peak, the object store's pages the puts wrote (mapped in, not the driver's heap),
+            # and the input bytes put (held in the object store until the flow reads them)
+            "peak_shmem_mb": round(shmem[0], 1), "put_bytes_per_instance": round(put_bytes[0] / n_in, 1),
+            "heap_bytes_per_instance": round((peak - shmem[0] - base_rss) * 2**20 / n_in, 1)}
 
 
 def project(points: list[dict], target: int = 20_000_000) -> dict:
@@ -212,9 +220,14 @@ def project(points: list[dict], target: int = 20_000_000) -> dict:
     by_size = sorted(points, key=lambda p: p["instances"])
     a, b = by_size[0], by_size[-1]
     slope = (b["peak_rss_mb"] - a["peak_rss_mb"]) / max(1, b["instances"] - a["instances"])  # MB per instance
+    heap = ((b["peak_rss_mb"] - b["peak_shmem_mb"]) - (a["peak_rss_mb"] - a["peak_shmem_mb"])) / max(1, b["instances"] - a["instances"])
     return {"instances": target, "cpu_minutes": round(b["cpu_us_per_instance"] * target / 1e6 / 60, 1),
             "peak_rss_gb": round((b["peak_rss_mb"] + slope * (target - b["instances"])) / 1024, 2),
-            "memory_growth_bytes_per_instance": round(slope * 2**20, 1)}
+            "memory_growth_bytes_per_instance": round(slope * 2**20, 1),
+            # the growth less the object store's pages mapped in (the driver's own memory), and the
+            # input the puts hold in the object store (spilled to disk beyond its capacity)
+            "heap_growth_bytes_per_instance": round(heap * 2**20, 1),
+            "object_store_gb": round(b["put_bytes_per_instance"] * target / 2**30, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         by_format[fmt] = {"points": points, "projection_20m": project(points)}
         pr = by_format[fmt]["projection_20m"]
         print(f"{fmt:>8} projected to 20M instances: {pr['cpu_minutes']} CPU-minutes on the driver, peak RSS {pr['peak_rss_gb']} GB "
-              f"(growth {pr['memory_growth_bytes_per_instance']:.0f} B/instance)")
+              f"(growth {pr['memory_growth_bytes_per_instance']:.0f} B/instance, of which the driver's own "
+              f"{pr['heap_growth_bytes_per_instance']:.0f}; the rest is object store pages), "
+              f"{pr['object_store_gb']} GB of input in the object store")
     res = {**by_format[args.formats[0]], "by_format": by_format}
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

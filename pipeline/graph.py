@@ -30,7 +30,11 @@ from .ingest import SPILL_SCHEMA
 from .options import RefineOptions
 from .stages import ExtractPatches, RefinePatches, WriteParts
 
-WORK_SCHEMA = SPILL_SCHEMA.append(pa.field("shard", pa.int64()))  # the input rows of the flow
+# The input rows of the flow: the spill's, less the image identity (only the shard key needs it),
+# with the repeated strings dictionary-encoded (a put into the object store copies every byte).
+_DICT = pa.dictionary(pa.int32(), pa.string())
+WORK_SCHEMA = pa.schema([pa.field(f.name, _DICT) if f.name in ("source_file", "file_name") else f
+                         for f in SPILL_SCHEMA if f.name != "image_identity"]).append(pa.field("shard", pa.int64()))
 
 EXTRACT_CPUS = 0.5  # per extraction actor: image decoding and cropping, one OpenCV thread
 WRITE_CPUS = 0.25  # per grouping/writing actor: pasting and RLE encoding are light
@@ -158,6 +162,9 @@ def input_blocks(table: pa.Table, shard: int, images_per_block: int) -> list[pa.
     cuts = list(starts[::images_per_block]) + [len(ids)]
     table = table.set_column(table.schema.get_field_index("detector_fields"), "detector_fields",
                              pc.fill_null(table["detector_fields"], ""))  # one string type in every block
+    table = table.drop_columns(["image_identity"])
+    for name in ("source_file", "file_name"):
+        table = table.set_column(table.schema.get_field_index(name), name, pc.dictionary_encode(table[name]))
     table = table.append_column("shard", pa.array(np.full(len(ids), shard, np.int64)))
     return [table.slice(a, b - a) for a, b in zip(cuts[:-1], cuts[1:])]
 

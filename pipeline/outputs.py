@@ -115,11 +115,27 @@ def reason_kind(reason: str) -> str:
     return "other"
 
 
-def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card, summaries=None) -> dict:
+def write_refined_json(out_uri: str, texts: list) -> None:
+    """refined.json from its pieces in order (each a text of entries joined by ",\\n", or a Ray
+    reference to one, fetched one at a time), streamed, appearing only once complete."""
+    with storage.AtomicWriter(storage.resolve(out_uri).join("refined.json")) as f:
+        f.write("[")
+        for k, text in enumerate(texts):
+            if not isinstance(text, str):
+                import ray
+
+                text = ray.get(text)
+            f.write(("," if k else "") + "\n" + text)
+        f.write("\n]\n")
+
+
+def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card, summaries=None, write_json=None) -> dict:
     """Stream committed parts into refined.json and quarantine.parquet; check the invariant.
 
-    `summaries`: each shard's `shard_summary`, in shard order (the job computes them in Ray tasks);
-    by default they are computed here, shard by shard. Either way this only concatenates.
+    `summaries`: each shard's `shard_summary`, in shard order, whose `text` may be a Ray reference
+    (the job makes them in Ray tasks); by default they are made here, shard by shard. `write_json`:
+    writes refined.json from the texts (`write_refined_json`'s signature; the job runs it in a Ray
+    task, so the entries never pass through the driver). Either way this only concatenates.
 
     refined.json holds every input detection that has a mask: refined, passed through, and
     quarantined ones too (with their coarse mask, `bpr_status` and `bpr_reason`), so downstream AP
@@ -140,29 +156,28 @@ def assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card, summarie
             and row.get("image_id") is not None and row.get("category_id") is not None and row.get("instance_id") is not None \
             and row.get("score") is not None
 
-    with storage.AtomicWriter(out.join("refined.json")) as f:
-        f.write("[")
+    texts = []  # refined.json's pieces in order: texts, or (Ray) references to them
 
-        def emit(text: str, entries: int) -> None:
-            nonlocal in_json
-            if entries:
-                f.write(("," if in_json else "") + "\n" + text)
-                in_json += entries
+    def emit(text, entries: int) -> None:
+        nonlocal in_json
+        if entries:
+            texts.append(text)
+            in_json += entries
 
-        if summaries is None:
-            summaries = local_summaries(out.uri, len(shards), with_source)
-        for summary in summaries:
-            duplicates += summary["duplicates"]
-            for status, n in summary["statuses"].items():
-                counts[status] += n
-            quarantine_rows.extend(summary["quarantined"])
-            emit(summary["text"], summary["entries"])
-        for row in quarantine_rows[: len(prep_quarantine)]:  # stopped before sharding: pass those with a mask through
-            row["status"] = "quarantined"
-            row[RESULT_JSON] = json.dumps(row_to_result(row, with_source), separators=(",", ":")) if representable(row) else None
-            if row[RESULT_JSON]:
-                emit(row[RESULT_JSON], 1)
-        f.write("\n]\n")
+    if summaries is None:
+        summaries = local_summaries(out.uri, len(shards), with_source)
+    for summary in summaries:
+        duplicates += summary["duplicates"]
+        for status, n in summary["statuses"].items():
+            counts[status] += n
+        quarantine_rows.extend(summary["quarantined"])
+        emit(summary["text"], summary["entries"])
+    for row in quarantine_rows[: len(prep_quarantine)]:  # stopped before sharding: pass those with a mask through
+        row["status"] = "quarantined"
+        row[RESULT_JSON] = json.dumps(row_to_result(row, with_source), separators=(",", ":")) if representable(row) else None
+        if row[RESULT_JSON]:
+            emit(row[RESULT_JSON], 1)
+    (write_json or write_refined_json)(out.uri, texts)
     for row in quarantine_rows:
         kinds[reason_kind(row["reason"] or "")] += 1
         read_failures += is_read_failure(row["reason"])
