@@ -126,18 +126,26 @@ def plan_pools(opts: RefineOptions, device: str) -> Pools:
     return Pools(refine=refine, extract=extract, write=refine[1], object_store_bytes=budget_mb * 2**20)
 
 
+# Ray Data gathers what a stage's function yields into output blocks of up to this size before
+# handing them downstream (its default, 128 MiB, would hold back a whole shard's patches: extraction
+# yields every --images-per-block images, ~1 MB of patches at 8 images of 4 instances).
+BLOCK_BYTES = 1 << 20
+
+
 @contextlib.contextmanager
 def memory_budget(nbytes: int):
-    """Ray Data's object store limit for the datasets executed inside (the context is restored)."""
+    """Ray Data's object store limit and output block size (BLOCK_BYTES) for the datasets executed
+    inside (the context is restored)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    saved = ctx.execution_options.resource_limits
-    ctx.execution_options.resource_limits = saved.copy(object_store_memory=nbytes)
+    saved = ctx.execution_options.resource_limits, ctx.target_max_block_size
+    ctx.execution_options.resource_limits = saved[0].copy(object_store_memory=nbytes)
+    ctx.target_max_block_size = BLOCK_BYTES
     try:
         yield
     finally:
-        ctx.execution_options.resource_limits = saved
+        ctx.execution_options.resource_limits, ctx.target_max_block_size = saved
 
 
 def images_per_put(opts: RefineOptions, pending_shards: int, extract_actors: int) -> int:
