@@ -110,8 +110,7 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
     from pipeline.commit import ShardLedger, model_identity, shard_key
     from pipeline.ingest import check_inputs, index_images, prepare_shards
     from pipeline.options import RefineOptions
-    from pipeline.outputs import assemble, local_summaries, write_refined_json
-    from pipeline.refine_job import _ray_summaries, _ray_write_json
+    from pipeline.outputs import assemble, local_summaries, ray_summaries, ray_write_json, write_refined_json
     from pipeline.stages import RESULT_JSON, part_schema
 
     from bpr_core.refiner import make_patch_refiner
@@ -187,7 +186,7 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
     timed("receipts", bookkeeping)
     with_source = len(shards.sources) > 1
     manifest = timed("assemble", lambda: assemble(opts, out, shards, keys, quarantined, n_in, cfg, card,
-                                                  _ray_summaries(out.uri, len(shards), with_source), _ray_write_json))
+                                                  ray_summaries(out.uri, len(shards), with_source), ray_write_json))
     peak = _peak_mb()  # before the measurement below, which holds every shard's text at once
     started = time.process_time()  # what the Ray tasks did, measured here after the run (not the driver's)
     write_refined_json(str(work / "again"), [s["text"] for s in local_summaries(out.uri, len(shards), with_source)])

@@ -97,6 +97,51 @@ def local_summaries(out_uri: str, n_shards: int, with_source: bool):
     return (shard_summary(out_uri, i, with_source) for i in range(n_shards))
 
 
+# From this many input instances on, the committed shards are read for the outputs in Ray tasks, in
+# parallel, and the driver only concatenates their texts (reading a shard's parts costs the driver
+# ~1 us per instance); below it, starting task workers costs more than reading the parts here.
+PARALLEL_ASSEMBLY_INSTANCES = 200_000
+
+
+def _summary_parts(out_uri: str, shard: int, with_source: bool) -> tuple[dict, str]:
+    """In a Ray task: a shard's summary, its text apart (a second return, left in the object store
+    for the task that writes refined.json)."""
+    summary = shard_summary(out_uri, shard, with_source)
+    return summary, summary.pop("text")
+
+
+def ray_summaries(out_uri: str, n_shards: int, with_source: bool):
+    """Each shard's summary from a Ray task, yielded in shard order with its text as a reference,
+    as many in flight as the cluster has CPUs. The tasks ask for no CPU (they are short and mostly
+    I/O, and must not wait behind actors still being released); the bound in flight limits them."""
+    from collections import deque
+
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=3, num_returns=2)(_summary_parts).options(scheduling_strategy="SPREAD")
+    in_flight = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    pending: deque = deque()
+
+    def take() -> dict:
+        summary_ref, text_ref = pending.popleft()
+        return {**ray.get(summary_ref), "text": text_ref}
+
+    for i in range(n_shards):
+        pending.append(task.remote(out_uri, i, with_source))
+        if len(pending) >= in_flight:
+            yield take()
+    while pending:
+        yield take()
+
+
+def ray_write_json(out_uri: str, texts: list) -> None:
+    """refined.json written by one Ray task from the shards' texts (references are passed inside a
+    list, so the task fetches them one at a time rather than all at once)."""
+    import ray
+
+    ray.get(ray.remote(num_cpus=0, max_retries=3)(write_refined_json).remote(out_uri, texts))
+
+
 def reason_kind(reason: str) -> str:
     """A quarantine reason -> a short kind for the summary line and the manifest."""
     if is_read_failure(reason):

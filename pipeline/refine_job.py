@@ -22,7 +22,7 @@ import uuid
 from bpr_core.formats import JobFailed
 from bpr_core.refiner import make_patch_refiner
 
-from . import graph, storage
+from . import graph, outputs, storage
 from .commit import ImageStats, ShardLedger, model_identity, shard_key
 from .console import Progress
 from .ingest import ShardSpill, check_inputs, check_model, prepare_shards
@@ -154,8 +154,8 @@ def _run(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, leas
         if unfinished:
             raise RuntimeError(f"the flow ended with shards not complete: {', '.join(unfinished[:5])}; not committing them")
     summaries = write_json = None
-    if n_in >= PARALLEL_ASSEMBLY_INSTANCES:
-        summaries, write_json = _ray_summaries(out.uri, len(shards), with_source), _ray_write_json
+    if n_in >= outputs.PARALLEL_ASSEMBLY_INSTANCES:
+        summaries, write_json = outputs.ray_summaries(out.uri, len(shards), with_source), outputs.ray_write_json
     manifest = assemble(opts, out, shards, keys, prep_quarantine, n_in, cfg, card, summaries, write_json)
     if opts.visualize or opts.visualize_ids:
         _visualize(opts, out, shards, cfg, manifest)
@@ -171,55 +171,6 @@ def _run(opts, out, shards, prep_quarantine, n_in, cfg, card, model_id, t0, leas
     if stats_text:
         manifest["_stats"] = stats_text
     return manifest
-
-
-# From this many input instances on, the committed shards are read for the outputs in Ray tasks, in
-# parallel, and the driver only concatenates their texts (reading a shard's parts costs the driver
-# ~1 us per instance); below it, starting task workers costs more than reading the parts here.
-PARALLEL_ASSEMBLY_INSTANCES = 200_000
-
-
-def _summary_parts(out_uri: str, shard: int, with_source: bool) -> tuple[dict, str]:
-    """In a Ray task: a shard's summary, its text apart (a second return, left in the object store
-    for the task that writes refined.json)."""
-    from .outputs import shard_summary
-
-    summary = shard_summary(out_uri, shard, with_source)
-    return summary, summary.pop("text")
-
-
-def _ray_summaries(out_uri: str, n_shards: int, with_source: bool):
-    """Each shard's summary from a Ray task, yielded in shard order with its text as a reference,
-    as many in flight as the cluster has CPUs. The tasks ask for no CPU (they are short and mostly
-    I/O, and must not wait behind actors still being released); the bound in flight limits them."""
-    from collections import deque
-
-    import ray
-
-    task = ray.remote(num_cpus=0, max_retries=3, num_returns=2)(_summary_parts).options(scheduling_strategy="SPREAD")
-    in_flight = max(2, int(ray.cluster_resources().get("CPU", 2)))
-    pending: deque = deque()
-
-    def take() -> dict:
-        summary_ref, text_ref = pending.popleft()
-        return {**ray.get(summary_ref), "text": text_ref}
-
-    for i in range(n_shards):
-        pending.append(task.remote(out_uri, i, with_source))
-        if len(pending) >= in_flight:
-            yield take()
-    while pending:
-        yield take()
-
-
-def _ray_write_json(out_uri: str, texts: list) -> None:
-    """refined.json written by one Ray task from the shards' texts (references are passed inside a
-    list, so the task fetches them one at a time rather than all at once)."""
-    import ray
-
-    from .outputs import write_refined_json
-
-    ray.get(ray.remote(num_cpus=0, max_retries=3)(write_refined_json).remote(out_uri, texts))
 
 
 def _visualize(opts, out, shards, cfg, manifest) -> None:

@@ -78,14 +78,15 @@ def test_missing_image_is_quarantined_and_the_rest_completes(ray_session, tmp_pa
     assert len(entries) == len(coarse)  # every detection, the lost image's with their coarse masks
     assert sorted(e["bpr_status"] == "quarantined" for e in entries).count(True) == len(lost)
     # The outputs assembled from shard summaries made in Ray tasks (as large jobs do) are the same bytes.
-    import pipeline.refine_job as refine_job
+    import pipeline.outputs as outputs
 
     tasks = []
-    ray_summaries = refine_job._ray_summaries
-    monkeypatch.setattr(refine_job, "PARALLEL_ASSEMBLY_INSTANCES", 0)
-    monkeypatch.setattr(refine_job, "_ray_summaries", lambda *a: (tasks.append(s) or s for s in ray_summaries(*a)))
+    ray_summaries = outputs.ray_summaries
+    monkeypatch.setattr(outputs, "PARALLEL_ASSEMBLY_INSTANCES", 0)
+    monkeypatch.setattr(outputs, "ray_summaries", lambda *a: (tasks.append(s) or s for s in ray_summaries(*a)))
     m2 = run(_opts(data, tmp_path / "out2", method="identity", shard_size=15))
-    assert len(tasks) == 2 and m2["counts"] == m["counts"] and m2["invariant"] == m["invariant"]
+    assert len(tasks) == 2 and not isinstance(tasks[0]["text"], str)  # the texts stayed in the object store
+    assert m2["counts"] == m["counts"] and m2["invariant"] == m["invariant"]
     for name in ("refined.json", "quarantine.parquet"):
         assert (tmp_path / "out2" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
 
