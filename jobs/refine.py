@@ -114,7 +114,8 @@ def build_parser(prog: str | None = None, doc: str = __doc__, coarse: bool = Tru
                         "hold beside the refinement actors)")
     r.add_argument("--refine-cpus", type=_number(float, lo=0.0, lo_open=True), default=0.5,
                    help="logical CPUs reserved per refinement actor; its torch threads are max(1, int(this)) (default 0.5)")
-    r.add_argument("--images-per-block", type=POSITIVE, default=8, help="whole images per input block (default 8)")
+    r.add_argument("--images-per-block", type=POSITIVE, default=8, help="whole images per extraction step: patches go downstream every this many images; "
+                   "input blocks hold up to a shard, and at least this many (default 8)")
     r.add_argument("--instances-per-call", type=POSITIVE, default=64,
                    help="instances per refinement actor call; their patches share network batches (default 64)")
     r.add_argument("--instances-per-part", type=POSITIVE, default=512,

@@ -30,7 +30,7 @@ class RefineOptions:
     extract_actors: int = 0
     # Logical CPUs reserved per refinement actor (its torch threads: max(1, int(refine_cpus))).
     refine_cpus: float = 0.5
-    images_per_block: int = 8  # input blocks hold this many whole images (an image is never split)
+    images_per_block: int = 8  # whole images per extraction step (input blocks hold at least this many; an image is never split)
     instances_per_call: int = 64  # instance rows per refinement call (their patches share network batches)
     instances_per_part: int = 512  # instance rows per written Parquet part (at most; a part never spans shards)
     object_store_mb: int = 0  # the flow's object store budget; 0 = auto (graph.plan_pools)
