@@ -1,8 +1,9 @@
 """What the refinement job's driver costs per input instance: CPU time and memory, measured at two
 input sizes and projected to 20M instances.
 
-The driver's own work, without Ray (the workers' part is not the driver's); the images are empty
-files, listed (their size and mtime are part of the shard keys), never decoded:
+The driver's own work, with a local Ray for what the driver asks of it (the workers' part, writing
+the parts, is done here untimed); the images are empty files, listed (their size and mtime are
+part of the shard keys), never decoded:
     index     read the image index (a Parquet table with the Parquet input, COCO JSON with the JSON
               input; per image, not per instance) and start the listing of the images root in a
               child process, as the job does from 100k images on (its CPU is reported apart, as
@@ -17,7 +18,8 @@ files, listed (their size and mtime are part of the shard keys), never decoded:
               writes refined.json, as in the job from 200k instances on (their CPU is reported
               apart, as `summaries`, and not counted as the driver's; getting their counts is)
 Each size runs in its own process, so its peak RSS is its own; memory is reported as the peak over
-the RSS after start-up (imports, model load), per instance.
+the RSS after start-up (imports, model load, Ray), per instance, and apart: the object store's
+pages the puts wrote (mapped into the driver, counted in its RSS, not its heap).
 
     python -m bench.driver --instances 500000 2000000 [--formats parquet json] [--out driver.json]
 
