@@ -380,19 +380,23 @@ def prepare_shards(opts: RefineOptions, indexed: tuple[ImageIndex, ArrowIndex] |
     records, index = indexed or index_images(opts)
     shards = ShardSpill((len(index) + opts.shard_size - 1) // opts.shard_size, index=index)
     quarantined, n_in = [], 0
-    for table, others in _batches(storage.resolve(opts.coarse), records, shards.sources):
-        n_in += table.num_rows + len(others)
-        valid = []
-        for row in others:
-            reason = row.pop("invalid", None)
-            if reason:
-                quarantined.append({**row, "status": "quarantined", "reason": reason})
-            else:
-                valid.append(row)
-        if valid:
-            table = pa.concat_tables([table, pa.Table.from_pylist(valid, schema=INPUT_SCHEMA)])
-        _route(table, index, opts, shards, quarantined)
-    shards.flush()
+    try:
+        for table, others in _batches(storage.resolve(opts.coarse), records, shards.sources):
+            n_in += table.num_rows + len(others)
+            valid = []
+            for row in others:
+                reason = row.pop("invalid", None)
+                if reason:
+                    quarantined.append({**row, "status": "quarantined", "reason": reason})
+                else:
+                    valid.append(row)
+            if valid:
+                table = pa.concat_tables([table, pa.Table.from_pylist(valid, schema=INPUT_SCHEMA)])
+            _route(table, index, opts, shards, quarantined)
+        shards.flush()
+    except BaseException:  # a malformed file: no spill files or listing left behind
+        shards.close()
+        raise
     source_rank = {s: k for k, s in enumerate(shards.sources)}
     quarantined.sort(key=lambda r: (source_rank.get(r.get("source_file"), -1), r.get("position") or 0))
     return shards, quarantined, n_in

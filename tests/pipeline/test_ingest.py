@@ -226,3 +226,22 @@ def test_listing_in_a_child_process_gives_the_same_shards_and_keys(tmp_path):
     (tmp_path / "images" / "7.png").write_bytes(b"replaced, another size")
     again, again_keys = shards_and_keys(True)
     assert [a == b for a, b in zip(keys, again_keys)] == [True, False, True]  # image 7 is in shard 1 only
+
+
+def test_a_malformed_input_leaves_no_spill_or_listing_behind(tmp_path):
+    from bpr_core.formats import InputError
+    from pipeline.ingest import index_images
+
+    _index(tmp_path, 3)
+    pq.write_table(pa.table({"image_id": [1], "score": [0.5]}), tmp_path / "in.parquet")  # no mask columns
+    opts = RefineOptions(images=str(tmp_path / "images"), coarse=str(tmp_path / "in.parquet"),
+                         image_info=str(tmp_path / "index.json"), out=str(tmp_path / "out"), method="identity")
+    import tempfile
+
+    indexed = index_images(opts, background=True)
+    before = set(os.listdir(tempfile.gettempdir()))
+    with pytest.raises(InputError, match="lacks columns"):
+        prepare_shards(opts, indexed)
+    listing = indexed[1].listing
+    assert listing._process is None and listing._dir is None  # the child stopped, its file removed
+    assert not [d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("bpr-refine-")]  # no spill left
