@@ -19,6 +19,7 @@ COMMANDS = {
     "train": ("train", "train the refinement network with Ray Train"),
     "calibrate": ("calibrate", "calibrate a model's do-no-harm rules on dev-validation sets"),
     "import-official": ("import_official", "convert a checkpoint released with the BPR paper (mmseg HRNet-18s)"),
+    "publish-model": ("publish_model", "publish a checkpoint as the shipped model, with its model card"),
     "demo": ("demo", "refine the embedded synthetic demo set and evaluate it (make demo)"),
     "make-synthetic": ("make_synthetic", "write a deterministic synthetic data set"),
     "prepare-data": ("prepare_data", "the real photo sets in ../shared/data as data directories"),

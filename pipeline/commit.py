@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 
 import pyarrow.fs as pafs
 
@@ -109,8 +111,6 @@ class ImageStats:
 def _list_into(images_uri: str, path: str) -> None:
     """In a child process: list the images root and write the identities as an Arrow IPC file, with
     the CPU seconds the listing took in its metadata (the benchmark reports them)."""
-    import time
-
     import pyarrow as pa
 
     started = time.process_time()
@@ -119,8 +119,6 @@ def _list_into(images_uri: str, path: str) -> None:
     table = table.replace_schema_metadata({"cpu_s": str(time.process_time() - started)})
     with pa.OSFile(path + ".tmp", "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    import os
-
     os.replace(path + ".tmp", path)
 
 
@@ -149,8 +147,6 @@ class ImageListing:
     def result(self) -> ImageStats:
         if self._stats is not None:
             return self._stats
-        import time
-
         if self._process is not None:
             import pyarrow as pa
 

@@ -34,3 +34,20 @@ def test_refine_without_checkpoint_uses_shipped_model_and_improves_boundary_ap(r
     assert refined["mask"]["AP"] >= coarse["mask"]["AP"], (coarse["mask"], refined["mask"])
     assert refined["iou_change"]["mean_change"] > 0
     assert refined["iou_change"]["frac_worsened_gt_2pts"] == 0
+
+
+def test_publishing_the_shipped_model_with_its_card_rebuilds_it(tmp_path):
+    """The rebuild's last step (`jobs.publish_model`) on the shipped weights and card gives the same
+    weights bit for bit, config and card, and the same model_card.json bytes."""
+    import torch
+
+    from jobs import publish_model
+
+    card_file = DEFAULT_WEIGHTS.parent / "model_card.json"
+    assert publish_model.main([str(DEFAULT_WEIGHTS), str(card_file), "--out", str(tmp_path / "w" / "default.pt")]) == 0
+    got, want = load_checkpoint(tmp_path / "w" / "default.pt"), load_checkpoint(DEFAULT_WEIGHTS)
+    assert got.config == want.config and got.model_card == want.model_card
+    gs, ws = got.model.state_dict(), want.model.state_dict()
+    assert gs.keys() == ws.keys() and all(torch.equal(gs[k], ws[k]) for k in ws)
+    assert (tmp_path / "w" / "model_card.json").read_bytes() == card_file.read_bytes()
+    assert any("jobs.publish_model" in step for step in want.model_card["rebuild"])
