@@ -7,7 +7,8 @@
 
 `Refiner` (one process, whole images), the Ray stages (`pipeline.stages`: extraction actors, GPU/CPU
 refinement actors, the grouping stage) and the benchmark's serial-work floor all call these, so the
-library and the distributed job produce the same masks bit for bit (tests/core/test_flow.py).
+library and the distributed job produce the same masks bit for bit (tests/pipeline/test_stages.py,
+tests/pipeline/test_refine_pipeline.py).
 
 Probabilities travel as uint8 (0..255) between predict and finish everywhere: a quarter of float32's
 bytes through the object store and over PCIe, quantised on the device. The threshold is applied to
@@ -117,8 +118,31 @@ def quantise(probs: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(probs, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
+def batch_bounds(k: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of the network batches for k patches: full batches of `batch_size`, then the
+    rest in descending powers of two (k=101, batch 64: 64, 32, 4, 1), so the network only ever sees
+    a handful of batch shapes, however the patches arrive.
+
+    Why not one short last batch: every call then ends with a batch of a new size, and glibc's heap
+    (PyTorch's CPU tensors) fragments on the ever-changing activation sizes and only grows. Measured
+    on this 2-core box, one refinement actor over calls of 64 instances: RSS 0.72 GB after 20 calls,
+    1.19 GB after 80, still rising; with these bounds 0.39 GB after both, at the same speed (no
+    padding: every patch is computed once, and a patch's output does not depend on its batch)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    full = k - k % batch_size
+    bounds = [(i, i + batch_size) for i in range(0, full, batch_size)]
+    i = full
+    while i < k:
+        step = 1 << ((k - i).bit_length() - 1)  # the largest power of two that fits
+        bounds.append((i, i + step))
+        i += step
+    return bounds
+
+
 def predict_u8(patch_refiner, img: np.ndarray, msk: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Every patch through the patch refiner in batches of `batch_size`: (K, S, S) uint8 0..255.
+    """Every patch through the patch refiner in batches of `batch_size` (`batch_bounds`): (K, S, S)
+    uint8 0..255.
     A refiner with its own `predict_u8` (the network: quantised on its device, one synchronisation
     per call) is used as is; any other's float output is quantised here."""
     k = len(img)
@@ -127,8 +151,7 @@ def predict_u8(patch_refiner, img: np.ndarray, msk: np.ndarray, batch_size: int 
     own = getattr(patch_refiner, "predict_u8", None)
     if own is not None:
         return own(img, msk, batch_size)
-    return np.concatenate([quantise(patch_refiner.predict(img[i : i + batch_size], msk[i : i + batch_size]))
-                           for i in range(0, k, batch_size)])
+    return np.concatenate([quantise(patch_refiner.predict(img[a:b], msk[a:b])) for a, b in batch_bounds(k, batch_size)])
 
 
 def finish_instance(mask: np.ndarray, boxes: np.ndarray, probs_u8: np.ndarray, cfg: BPRConfig) -> tuple[np.ndarray, str]:

@@ -138,7 +138,7 @@ class NetworkPatchRefiner:
 
     @torch.inference_mode()
     def predict_u8(self, image_patches: np.ndarray, mask_patches: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """All patches in batches of `batch_size` -> (K, S, S) uint8 probabilities (0..255), equal
+        """All patches in batches of `batch_size` (`flow.batch_bounds`) -> (K, S, S) uint8 probabilities (0..255), equal
         bit for bit to quantising `predict` (bpr_core.flow.quantise). On CUDA the inputs go over as
         uint8 from pinned host memory with non-blocking copies, the quantisation runs on the device,
         the uint8 results come back into pinned memory without blocking, and the host waits once per
@@ -150,9 +150,9 @@ class NetworkPatchRefiner:
         if cuda:
             img, msk = img.pin_memory(), msk.pin_memory()
         out = torch.empty((k, s, s), dtype=torch.uint8, pin_memory=cuda)
-        for i in range(0, k, batch_size):
-            p = self.predict_tensor(img[i : i + batch_size], msk[i : i + batch_size])
-            out[i : i + batch_size].copy_(p.mul(255.0).round_().clamp_(0, 255).to(torch.uint8), non_blocking=cuda)
+        for a, b in flow.batch_bounds(k, batch_size):  # a few batch shapes only: the heap stays flat
+            p = self.predict_tensor(img[a:b], msk[a:b])
+            out[a:b].copy_(p.mul(255.0).round_().clamp_(0, 255).to(torch.uint8), non_blocking=cuda)
         if cuda:
             torch.cuda.current_stream(self.device).synchronize()
         return out.numpy()

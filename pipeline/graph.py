@@ -105,7 +105,8 @@ def plan_pools(opts: RefineOptions, device: str) -> Pools:
     Object store: --object-store-mb, or (0 = auto) 256 MB per refinement actor, at least 512 MB: the
     patches queued ahead of the network are bounded instead of growing with the input (extraction
     is several times faster than the network on CPUs). On this 2-core box it made no measurable
-    difference to peak RSS, whose growth from N to 4N is in the refinement actors themselves.
+    difference to peak RSS; what grew from N to 4N was the refinement actors' heap, fragmented by
+    ever-changing network batch shapes until `bpr_core.flow.batch_bounds` fixed the set of shapes.
     """
     import ray
 

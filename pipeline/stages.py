@@ -248,38 +248,12 @@ class RefinePatches:
         out = {k: v for k, v in batch.items() if k not in ("img", "msk")}
         out["prob"] = _column([probs[a:b].tobytes() for a, b in zip(starts, ends)])
         out["refine_actor"] = _column([self.actor] * len(starts))
-        if self.calls % TRIM_EVERY == 0:
-            _trim_heap()
         return out
 
 
 def _plain(v):
     """numpy scalars -> Python values (what pyarrow's from_pylist takes)."""
     return v.item() if isinstance(v, np.generic) else v
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc only). Batches of varying size make glibc raise
-    its mmap threshold and serve later large tensors from the heap, which then only grows: measured
-    on 2 cores, each refinement actor's RSS grew from ~0.9 GB (400 images) to ~1.3 GB (1,600);
-    trimmed, ~0.35 GB less each."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
-# Calls between heap trims: trimming after every call cost ~10% of the network's time on 2 cores
-# (freed pages fault in again); every 16th keeps the growth bounded at a fraction of that cost.
-TRIM_EVERY = 16
 
 
 def finish_row(row: dict, cfg: BPRConfig, provenance: dict) -> dict:

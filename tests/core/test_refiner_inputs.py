@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bpr_core import BPRConfig, Refiner
+from bpr_core.flow import batch_bounds
 from bpr_core.refiner import IdentityPatchRefiner, as_masks
 
 from .masks import random_blob_mask
@@ -75,12 +76,14 @@ def test_a_list_of_images_is_batched_together_and_matches_single_calls():
     rec = Recording()
     r = Refiner(method=rec, config=CFG, batch_size=10_000)
     out = r.refine([s[0] for s in scenes], [s[1] for s in scenes], return_info=True)
-    assert len(rec.calls) == 1  # one network batch across the three images
     single = Refiner(method=Recording(), config=CFG)
     for (image, masks), (got, infos) in zip(scenes, out):
         want, want_infos = single.refine(image, masks, return_info=True)
         assert np.array_equal(got, want) and [i.reason for i in infos] == [i.reason for i in want_infos]
-    assert rec.calls[0] == sum(sum(i.num_patches for i in infos) for _, infos in out)
+    # the three images' patches share one run of batches (full ones, then powers of two), not one per image
+    per_image = [sum(i.num_patches for i in infos) for _, infos in out]
+    assert rec.calls == [b - a for a, b in batch_bounds(sum(per_image), 10_000)]
+    assert rec.calls[0] > max(per_image)
 
 
 def test_threads_apply_during_the_call_only():
@@ -123,7 +126,47 @@ def test_network_uint8_path_equals_quantising_its_float_output():
     s = cfg.crop_size
     img = rng.integers(0, 256, (70, s, s, 3), dtype=np.uint8)
     msk = (rng.random((70, s, s)) > 0.5).astype(np.uint8)
-    got = predict_u8(net, img, msk, batch_size=32)  # 32 + 32 + 6: a short last batch
+    got = predict_u8(net, img, msk, batch_size=32)  # 32 + 32 + 4 + 2: the rest in powers of two
+    # one short last batch instead (32 + 32 + 6): a patch's output does not depend on its batch
     want = np.concatenate([quantise(net.predict(img[i : i + 32], msk[i : i + 32])) for i in range(0, 70, 32)])
     assert got.dtype == np.uint8 and got.shape == (70, s, s)
     assert np.array_equal(got, want) and 0 < got.mean() < 255
+
+
+def test_network_sees_only_shape_stable_batches():
+    """Calls of any size reach the network in full batches and then powers of two (flow.batch_bounds),
+    so its batch shapes come from a fixed set (variable shapes let the CPU heap grow without bound)."""
+    import torch
+
+    from bpr_core.refiner import make_patch_refiner
+
+    net, cfg, _ = make_patch_refiner("network", None, "cpu")
+    s, seen = cfg.crop_size, []
+
+    def record(img, msk):
+        seen.append(len(img))
+        return torch.zeros((len(img), s, s))
+
+    net.predict_tensor = record
+    for k in (101, 64, 7):
+        seen.clear()
+        out = net.predict_u8(np.zeros((k, s, s, 3), np.uint8), np.zeros((k, s, s), np.uint8), 64)
+        assert out.shape == (k, s, s) and sum(seen) == k
+        assert seen == {101: [64, 32, 4, 1], 64: [64], 7: [4, 2, 1]}[k]
+
+
+def test_batch_bounds_cover_every_patch_once_in_few_shapes():
+    from bpr_core.flow import batch_bounds
+
+    for batch in (64, 48, 1):
+        sizes = set()
+        for k in range(0, 300):
+            bounds = batch_bounds(k, batch)
+            assert [a for a, _ in bounds] == [0] + [b for _, b in bounds[:-1]] if bounds else k == 0
+            assert (bounds[-1][1] if bounds else 0) == k
+            steps = [b - a for a, b in bounds]
+            assert steps == sorted(steps, reverse=True)  # full batches first, then the rest shrinking
+            sizes.update(steps)
+        assert sizes == {batch} | {1 << i for i in range(batch.bit_length()) if 1 << i < batch}
+    with pytest.raises(ValueError, match="batch_size"):
+        batch_bounds(5, 0)
