@@ -21,6 +21,11 @@ Each size runs in its own process, so its peak RSS is its own; memory is reporte
 the RSS after start-up (imports, model load, Ray), per instance, and apart: the object store's
 pages the puts wrote (mapped into the driver, counted in its RSS, not its heap).
 
+Whether the driver holds anything per instance: the memory grows with the images (the image index
+is per image, held as Arrow) and should not grow with the instances. A third run takes the larger
+size's instances on the smaller size's images (16 per image instead of 4), so that two runs differ
+only in their instances and two only in their images (`memory_split`).
+
     python -m bench.driver --instances 500000 2000000 [--formats parquet json] [--out driver.json]
 
 The JSON's top level (points, projection_20m) is the first format (Parquet: the columnar path,
@@ -64,7 +69,7 @@ def write_inputs(root: Path, instances: int, fmt: str = "json", per_image: int =
     """`instances` detections on instances/per_image images as a COCO results JSON or a Parquet
     instance table, the image index and the images as empty files (the driver lists them, never
     reads them), written once per size."""
-    d = root / f"driver-{instances}"
+    d = root / (f"driver-{instances}" if per_image == 4 else f"driver-{instances}-{per_image}")
     if (d / FORMATS[fmt]).exists() and (d / INDEXES[fmt]).exists():
         return d
     (d / "images").mkdir(parents=True, exist_ok=True)
@@ -140,6 +145,10 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
         return result
 
     check_inputs(opts)
+    import gc
+
+    gc.collect()
+    held0 = sys.getallocatedblocks(), pa.total_allocated_bytes()
     indexed = timed("index", lambda: index_images(opts, background=True))  # per image: the index; the listing starts
     shards, quarantined, n_in = timed("ingest", lambda: prepare_shards(opts, indexed))
     model_id = model_identity("identity", None, card)
@@ -163,6 +172,8 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
     keys = timed("plan", plan)
     n_blocks = len(refs)
     del refs[:]  # (the job holds them until the flow has read them)
+    gc.collect()  # what the driver holds while the flow runs: Python objects and Arrow buffers
+    held = {"python_blocks": sys.getallocatedblocks() - held0[0], "arrow_bytes": pa.total_allocated_bytes() - held0[1]}
 
     # The workers' part, untimed: the parts a run would have written (identity: the coarse rows).
     extra = {"status": "passed_through", "reason": "", "coarse_area": 16, "refined_area": 16, "num_patches": 0,
@@ -199,7 +210,7 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
     assert manifest["invariant"]["ok"], manifest["invariant"]
     cpu = sum(p["cpu_s"] for p in phases.values())
     return {"format": fmt, "instances": n_in, "images": sum(shards.images), "shards": len(shards), "input_blocks": n_blocks, "images_per_put": per_put,
-            "phases": phases, "cpu_s": round(cpu, 3), "cpu_us_per_instance": round(1e6 * cpu / n_in, 2),
+            "phases": phases, "held_after_plan": held, "cpu_s": round(cpu, 3), "cpu_us_per_instance": round(1e6 * cpu / n_in, 2),
             "listing": {"where": "child process", "cpu_s": round(listing_cpu, 3),
                         "cpu_us_per_image": round(1e6 * listing_cpu / max(1, len(indexed[1])), 2)},
             "summaries": {"where": "Ray tasks (their CPU measured in-process after the run)", "cpu_s": round(summary_cpu[0], 3),
@@ -213,6 +224,31 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
             # and the input bytes put (held in the object store until the flow reads them)
             "peak_shmem_mb": round(shmem[0], 1), "put_bytes_per_instance": round(put_bytes[0] / n_in, 1),
             "heap_bytes_per_instance": round((peak - shmem[0] - base_rss) * 2**20 / n_in, 1)}
+
+
+def memory_split(points: list[dict], same_images: dict) -> dict:
+    """The driver's own memory growth (peak RSS less the object store's pages, over start-up) per
+    instance at a fixed image count, and per image at a fixed instance count."""
+    small, large = sorted(points, key=lambda p: p["instances"])[::len(points) - 1]
+
+    def heap(p):
+        return (p["peak_rss_mb"] - p["peak_shmem_mb"] - p["base_rss_mb"]) * 2**20
+
+    return {"images_fixed_at": same_images["images"],
+            "instances": [small["instances"], same_images["instances"]],
+            "heap_bytes_per_instance_at_fixed_images":
+                round((heap(same_images) - heap(small)) / max(1, same_images["instances"] - small["instances"]), 1),
+            "instances_fixed_at": large["instances"], "images": [same_images["images"], large["images"]],
+            "heap_bytes_per_image_at_fixed_instances":
+                round((heap(large) - heap(same_images)) / max(1, large["images"] - same_images["images"]), 1),
+            # what the driver holds once the flow is planned, at the two instance counts on the same
+            # images (Python objects from sys.getallocatedblocks, Arrow buffers): equal when it
+            # holds nothing per instance
+            "held_after_plan": [small["held_after_plan"], same_images["held_after_plan"]],
+            "held_after_plan_per_instance": {
+                k: round((same_images["held_after_plan"][k] - small["held_after_plan"][k])
+                         / max(1, same_images["instances"] - small["instances"]), 4) for k in small["held_after_plan"]},
+            "same_images_point": same_images}
 
 
 def project(points: list[dict], target: int = 20_000_000) -> dict:
@@ -240,21 +276,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="input formats to measure (default: parquet json)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size in this process
     ap.add_argument("--format", default="json", help=argparse.SUPPRESS)  # internal, with --one
+    ap.add_argument("--per-image", type=int, default=4, help=argparse.SUPPRESS)  # internal, with --one
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="bpr-driver-"))
     if args.one:
-        d = write_inputs(work, args.one, args.format)
+        d = write_inputs(work, args.one, args.format, args.per_image)
         run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
         print(json.dumps(measure(d, run_dir, args.format)))
         return 0
     by_format = {}
+    sizes = sorted(args.instances)
+    # the extra run: the largest size's instances on the smallest size's images
+    per_image_same = 4 * sizes[-1] // sizes[0] if len(sizes) > 1 else 0
     for fmt in args.formats:
         points = []
-        for n in args.instances:
-            write_inputs(work, n, fmt)  # outside the measured process
-            res = subprocess.run([sys.executable, "-m", "bench.driver", "--one", str(n), "--format", fmt, "--work", str(work)],
-                                 check=True, capture_output=True, text=True)
-            points.append(json.loads(res.stdout.strip().splitlines()[-1]))
+
+        def one(n, per_image=4):
+            write_inputs(work, n, fmt, per_image)  # outside the measured process
+            res = subprocess.run([sys.executable, "-m", "bench.driver", "--one", str(n), "--format", fmt, "--work", str(work),
+                                  "--per-image", str(per_image)], check=True, capture_output=True, text=True)
+            return json.loads(res.stdout.strip().splitlines()[-1])
+
+        for n in sizes:
+            points.append(one(n))
             p = points[-1]
             print(f"{fmt:>8} {n:>10,} instances: driver CPU {p['cpu_s']:.1f} s ({p['cpu_us_per_instance']:.1f} us/instance: "
                   + ", ".join(f"{k} {v['cpu_s']:.1f} s" for k, v in p["phases"].items())
@@ -263,6 +307,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"off the driver: listing {p['listing']['cpu_s']:.1f} s ({p['listing']['cpu_us_per_image']:.1f} us per image), "
                   f"shard summaries {p['summaries']['cpu_s']:.1f} s ({p['summaries']['cpu_us_per_instance']:.2f} us per instance)")
         by_format[fmt] = {"points": points, "projection_20m": project(points)}
+        if per_image_same:
+            split = by_format[fmt]["memory_split"] = memory_split(points, one(sizes[-1], per_image_same))
+            print(f"{fmt:>8} driver heap growth: {split['heap_bytes_per_instance_at_fixed_images']:.1f} B per instance "
+                  f"({split['instances'][0]:,} -> {split['instances'][1]:,} instances on {split['images_fixed_at']:,} images), "
+                  f"{split['heap_bytes_per_image_at_fixed_instances']:.1f} B per image ({split['images'][0]:,} -> "
+                  f"{split['images'][1]:,} images, {split['instances_fixed_at']:,} instances); held after the plan, per instance "
+                  f"on the same images: {split['held_after_plan_per_instance']}")
         pr = by_format[fmt]["projection_20m"]
         print(f"{fmt:>8} projected to 20M instances: {pr['cpu_minutes']} CPU-minutes on the driver, peak RSS {pr['peak_rss_gb']} GB "
               f"(growth {pr['memory_growth_bytes_per_instance']:.0f} B/instance, of which the driver's own "

@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{drv['instances'] / drv['images']:.0f} per image: {drv['index_cpu_us_per_image']:.1f} us per image + "
               f"{drv['other_cpu_us_per_instance']:.2f} us per instance; 20M projected: {pr['cpu_minutes']} CPU-minutes, "
               f"{pr['peak_rss_gb']} GB peak RSS)")
+        if "memory_split" in d:
+            ms = d["memory_split"]
+            held = ms["held_after_plan_per_instance"]
+            print(f"{'(driver memory per instance':30} {ms['heap_bytes_per_instance_at_fixed_images']:6.1f}  B of peak heap per instance on "
+                  f"fixed images, {ms['heap_bytes_per_image_at_fixed_instances']:.0f} B per image; held after the plan per "
+                  f"instance: {held['python_blocks']:.4f} Python blocks, {held['arrow_bytes']:.1f} Arrow bytes)")
     w, bd = res["serial_work"], res["bounds"]
     print(f"\nserial work (1 thread, no framework): extract {w['extract_s']:.1f} s + network {w['network_s']:.1f} s + paste "
           f"{w['paste_s']:.1f} s = {w['total_s']:.1f} s; over {bd['cores']} cores at best {bd['floor_s']:.1f} s "
