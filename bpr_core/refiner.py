@@ -138,11 +138,12 @@ class NetworkPatchRefiner:
 
     @torch.inference_mode()
     def predict_u8(self, image_patches: np.ndarray, mask_patches: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """All patches in batches of `batch_size` (`flow.batch_bounds`) -> (K, S, S) uint8 probabilities (0..255), equal
-        bit for bit to quantising `predict` (bpr_core.flow.quantise). On CUDA the inputs go over as
-        uint8 from pinned host memory with non-blocking copies, the quantisation runs on the device,
-        the uint8 results come back into pinned memory without blocking, and the host waits once per
-        call, not once per batch, so the copies overlap the next batch's kernels."""
+        """All patches in batches of `batch_size` (`flow.batch_bounds`) -> (K, S, S) uint8
+        probabilities (0..255), equal bit for bit to quantising `predict` (bpr_core.flow.quantise).
+        On CUDA the inputs go over as uint8 from pinned host memory with non-blocking copies, the
+        quantisation runs on the device, the uint8 results come back into pinned memory without
+        blocking, and the host waits once per call, not once per batch, so the copies overlap the
+        next batch's kernels."""
         s, k = self.config.crop_size, len(image_patches)
         img = torch.from_numpy(np.ascontiguousarray(image_patches, dtype=np.uint8))
         msk = torch.from_numpy(np.ascontiguousarray(mask_patches, dtype=np.uint8))
