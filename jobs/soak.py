@@ -44,13 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     result = {"images": args.images, "instances": m["counts"]["input"], "invariant_ok": m["invariant"]["ok"],
               "seconds": m["timings"]["total_seconds"], "shards": len(m["shards"]),
               "rss_mb": {"peak": round(max(mb), 1), "first_quarter_peak": round(max(mb[:q]), 1),
-                         "last_quarter_peak": round(max(mb[-q:]), 1)},
+                         "last_quarter_peak": round(max(mb[-q:]), 1),
+                         # the peak of each eighth of the run: level once the actors' memory is
+                         "peaks_by_eighth": [round(max(mb[i * len(mb) // 8 : (i + 1) * len(mb) // 8] or [0.0]), 1)
+                                             for i in range(8)]},
               "per_shard": m["timings"]["per_shard"], "samples": samples}
     Path(args.out).write_text(json.dumps(result, indent=2))
     r = result["rss_mb"]
     print(f"{args.images} images, {result['instances']} instances in {result['seconds']:.0f} s over {result['shards']} shards; "
           f"invariant {'ok' if result['invariant_ok'] else 'VIOLATED'}; process-tree RSS peak {r['peak']:.0f} MB "
-          f"(first quarter {r['first_quarter_peak']:.0f} MB, last quarter {r['last_quarter_peak']:.0f} MB)")
+          f"(first quarter {r['first_quarter_peak']:.0f} MB, last quarter {r['last_quarter_peak']:.0f} MB; "
+          f"by eighths of the run: {', '.join(f'{m:.0f}' for m in r['peaks_by_eighth'])} MB)")
     return 0 if result["invariant_ok"] else 1
 
 
