@@ -35,6 +35,7 @@ what the target is for); the others are under `by_format`.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -145,8 +146,6 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
         return result
 
     check_inputs(opts)
-    import gc
-
     gc.collect()
     held0 = sys.getallocatedblocks(), pa.total_allocated_bytes()
     indexed = timed("index", lambda: index_images(opts, background=True))  # per image: the index; the listing starts
@@ -229,7 +228,8 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
 def memory_split(points: list[dict], same_images: dict) -> dict:
     """The driver's own memory growth (peak RSS less the object store's pages, over start-up) per
     instance at a fixed image count, and per image at a fixed instance count."""
-    small, large = sorted(points, key=lambda p: p["instances"])[::len(points) - 1]
+    by_size = sorted(points, key=lambda p: p["instances"])
+    small, large = by_size[0], by_size[-1]
 
     def heap(p):
         return (p["peak_rss_mb"] - p["peak_shmem_mb"] - p["base_rss_mb"]) * 2**20

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
               "seconds": m["timings"]["total_seconds"], "shards": len(m["shards"]),
               "rss_mb": {"peak": round(max(mb), 1), "first_quarter_peak": round(max(mb[:q]), 1),
                          "last_quarter_peak": round(max(mb[-q:]), 1),
-                         # the peak of each eighth of the run: level once the actors' memory is
+                         # the peak of each eighth of the run (level once the actors' memory has settled)
                          "peaks_by_eighth": [round(max(mb[i * len(mb) // 8 : (i + 1) * len(mb) // 8] or [0.0]), 1)
                                              for i in range(8)]},
               "per_shard": m["timings"]["per_shard"], "samples": samples}

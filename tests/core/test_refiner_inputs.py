@@ -136,8 +136,6 @@ def test_network_uint8_path_equals_quantising_its_float_output():
 def test_network_sees_only_shape_stable_batches():
     """Calls of any size reach the network in full batches and then powers of two (flow.batch_bounds),
     so its batch shapes come from a fixed set (variable shapes let the CPU heap grow without bound)."""
-    import torch
-
     from bpr_core.refiner import make_patch_refiner
 
     net, cfg, _ = make_patch_refiner("network", None, "cpu")
@@ -156,14 +154,15 @@ def test_network_sees_only_shape_stable_batches():
 
 
 def test_batch_bounds_cover_every_patch_once_in_few_shapes():
-    from bpr_core.flow import batch_bounds
-
     for batch in (64, 48, 1):
         sizes = set()
         for k in range(0, 300):
             bounds = batch_bounds(k, batch)
-            assert [a for a, _ in bounds] == [0] + [b for _, b in bounds[:-1]] if bounds else k == 0
-            assert (bounds[-1][1] if bounds else 0) == k
+            if k == 0:
+                assert bounds == []
+                continue
+            assert [a for a, _ in bounds] == [0] + [b for _, b in bounds[:-1]]  # contiguous from 0
+            assert bounds[-1][1] == k
             steps = [b - a for a, b in bounds]
             assert steps == sorted(steps, reverse=True)  # full batches first, then the rest shrinking
             sizes.update(steps)
