@@ -180,10 +180,18 @@ def exact_int(v, field: str, minimum: int | None = None) -> int:
 def finite_number(v, field: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise RecordError(f"{field} {_short(v)} is not a number" if v is not None else f"{field} is null")
-    f = float(v)
+    f = _as_float(v)
     if not math.isfinite(f):
-        raise RecordError(f"{field} {v} is not a finite number")
+        raise RecordError(f"{field} {_short(v)} is not a finite number")
     return f
+
+
+def _as_float(v: int | float) -> float:
+    """float(v); inf for an integer too large for a double (float() raises OverflowError there)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf
 
 
 def _index_entry(entry, id_key: str, name_key: str) -> ImageRecord:
@@ -417,7 +425,9 @@ def _plain_rle_entry(det, position: int, default_score: float | None) -> dict | 
     if type(image_id) is not int or type(category_id) is not int or type(seg) is not dict or len(seg) != 2:
         return None
     if type(score) is int:
-        score = float(score)
+        score = _as_float(score)
+        if not math.isfinite(score):
+            return None
     elif type(score) is not float or not math.isfinite(score):
         return None
     counts, size = seg.get("counts"), seg.get("size")
@@ -446,7 +456,7 @@ def detector_fields(det: dict) -> str | None:
         return None
     box = extra.get("bbox")
     if box is not None and not (isinstance(box, list) and len(box) == 4 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(_as_float(v)) for v in box)):
         raise RecordError(f"bbox {_short(box)} is not [x, y, width, height] of finite numbers")
     try:
         return json.dumps(extra, separators=(",", ":"), allow_nan=False)
@@ -496,6 +506,12 @@ MAX_OBJECT_CHARS = 1 << 30
 def open_text(raw, what: str):
     """A binary stream -> a UTF-8 text stream; gzip is decompressed, a UTF-8 BOM skipped, and any
     other encoding or compression is named instead of surfacing as a parse error."""
+    return io.TextIOWrapper(open_binary(raw, what), encoding="utf-8")
+
+
+def open_binary(raw, what: str):
+    """A binary stream -> the bytes of its UTF-8 text (`open_text` without the decoding): gzip
+    decompressed, a UTF-8 BOM skipped, any other encoding or compression named."""
     import gzip
 
     head = raw.read(4)
@@ -509,7 +525,7 @@ def open_text(raw, what: str):
             raise InputError(f"{what} is {name}; bpr reads UTF-8 JSON, plain or gzip-compressed")
     if head.startswith(b"\xef\xbb\xbf"):  # skipped here: the utf-8-sig codec decodes in Python, 8 KB at a time
         stream.read(3)
-    return io.TextIOWrapper(stream, encoding="utf-8")
+    return stream
 
 
 class _Prefixed(io.RawIOBase):

@@ -1,8 +1,8 @@
 """Ingest for the refinement job: check inputs and model before Ray starts, stream and validate the
 instances record by record, and spill them by shard to local files.
 
-Inputs are streamed (a results JSON element by element, Parquet batch by batch), so the driver never
-holds the whole input; a shard holds up to shard_size images in image-id order. Only what needs the
+Inputs are streamed (a results JSON in chunks, its plain entries read as columns and the others entry
+by entry; Parquet batch by batch), so the driver never holds the whole input; a shard holds up to shard_size images in image-id order. Only what needs the
 image index is checked here (unknown or unusable image ids, the pixel limit on the mask size); the
 per-image checks (duplicate instance ids, size against the decoded image) run in the extraction
 actors, so the driver keeps no per-instance state.
@@ -22,8 +22,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bpr_core.formats import (INSTANCE_COLUMNS, INT64_MAX, REFINED_SCHEMA, ImageIndex, InputError, RecordError, invalid_row,
-                              iter_results_json, read_image_index, table_row)
+                              read_image_index, table_row)
 from bpr_core.refiner import make_patch_refiner
+from bpr_core.results_arrow import iter_results_batches
 
 from . import storage
 from .commit import ImageListing
@@ -250,18 +251,19 @@ def _table_batches(loc: storage.Location) -> Iterator[tuple[pa.Table, list[dict]
 
 
 def _json_batches(loc: storage.Location, index: ImageIndex) -> Iterator[tuple[pa.Table, list[dict]]]:
-    """A results JSON (plain or gzip), streamed entry by entry (each entry is validated by
-    `iter_results_json`), in steps of BATCH_ROWS entries: (a table of the valid ones, the bad ones
-    with an `invalid` reason)."""
-    with loc.fs.open_input_stream(loc.path, compression=None) as raw:  # streamed, local or object store
-        rows, bad = [], []
-        for position, row in enumerate(iter_results_json(raw, index.records, name=loc.uri, strict=False)):
-            row["source_file"], row["position"] = loc.uri, position
-            (bad if "invalid" in row else rows).append(row)
-            if len(rows) + len(bad) >= BATCH_ROWS:
-                yield pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), bad
-                rows, bad = [], []
-        yield pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), bad
+    """A results JSON (plain or gzip), streamed: the plain entries as columns, the others entry by
+    entry (`bpr_core.results_arrow`, the same rows as `iter_results_json`), in steps: (a table of
+    the rows the columns vouch for, the other rows: valid ones as dicts, bad ones with an `invalid`
+    reason)."""
+    def open_stream():  # again if the entry-by-entry reader has to take over the file
+        return loc.fs.open_input_stream(loc.path, compression=None)
+
+    for table, others in iter_results_batches(open_stream, index.records, loc.uri):
+        for row in others:
+            row["source_file"] = loc.uri
+        columns = {n: table[n] for n in table.column_names}
+        columns["source_file"] = pa.repeat(pa.scalar(loc.uri, pa.string()), table.num_rows)
+        yield pa.table({n: columns[n] for n in INPUT_SCHEMA.names}, schema=INPUT_SCHEMA), others
 
 
 def _batches(coarse_loc: storage.Location, index: ImageIndex, sources: list[str]) -> Iterator[tuple[pa.Table, list[dict]]]:
