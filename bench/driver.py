@@ -62,8 +62,10 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-FORMATS = {"parquet": "coarse.parquet", "json": "coarse.json"}
-INDEXES = {"parquet": "index.parquet", "json": "annotations.json"}  # the image index each input comes with
+# json: the smallest entries (image_id, category_id, score, segmentation); json_detectron2: entries as
+# detectron2 writes them (its key order, and a bbox of float32 values printed by Python's json).
+FORMATS = {"parquet": "coarse.parquet", "json": "coarse.json", "json_detectron2": "coarse_detectron2.json"}
+INDEXES = {"parquet": "index.parquet", "json": "annotations.json", "json_detectron2": "annotations.json"}  # the image index each input comes with
 
 
 def write_inputs(root: Path, instances: int, fmt: str = "json", per_image: int = 4) -> Path:
@@ -98,13 +100,21 @@ def write_inputs(root: Path, instances: int, fmt: str = "json", per_image: int =
                        d / "coarse.tmp")
         os.replace(d / "coarse.tmp", d / FORMATS[fmt])
         return d
+    import numpy as np
+
+    boxes = np.random.default_rng(0).uniform(0, 8, (instances, 4)).astype(np.float32).tolist()  # as detectron2's tensors
     with open(d / "coarse.tmp", "w") as f:
         f.write("[")
         for k in range(instances):
-            f.write(("," if k else "") + json.dumps({"image_id": k // per_image + 1, "category_id": 1, "score": 0.5,
-                                                    "segmentation": {"size": [8, 8], "counts": RLE_8x8}}))
+            if fmt == "json":
+                entry = {"image_id": k // per_image + 1, "category_id": 1, "score": 0.5,
+                         "segmentation": {"size": [8, 8], "counts": RLE_8x8}}
+            else:
+                entry = {"image_id": k // per_image + 1, "category_id": 1, "bbox": boxes[k], "score": 0.5,
+                         "segmentation": {"size": [8, 8], "counts": RLE_8x8}}
+            f.write((", " if k else "") + json.dumps(entry))
         f.write("]")
-    os.replace(d / "coarse.tmp", d / "coarse.json")
+    os.replace(d / "coarse.tmp", d / FORMATS[fmt])
     return d
 
 

@@ -1,11 +1,15 @@
-"""Benchmark of the input reader: time and peak memory to stream a COCO results JSON of 64 and 128
-MB, and time and bytes read until a corrupt file (valid first entry, then NUL padding) is reported.
+"""Benchmark of the input readers: time and peak memory to stream a COCO results JSON of 64 and 128
+MB (entries of ~300 RLE characters), and of 64 MB as detectron2 writes it (its key order, a bbox of
+float32 values), and time and bytes read until a corrupt file (valid first entry, then NUL padding)
+is reported.
 
     python -m jobs.bench_inputs [--out docs/bench_inputs.json] [--repo PATH] [--pad-mb 512]
 
-Each case runs in a fresh process (peak RSS is that process's ru_maxrss). `--repo` measures the
-`bpr_core.formats` of another checkout (e.g. a `git worktree` of an older commit) with the same
-files, so before/after ratios come from one run. Prints a table and writes JSON.
+Two readers where the checkout has them: the entry-by-entry reader (`formats.iter_results_json`)
+and the columnar one the refinement job uses (`results_arrow.iter_results_batches`, the same
+rows). Each case runs in a fresh process (peak RSS is that process's ru_maxrss; the time is wall
+and CPU). `--repo` measures another checkout (e.g. a `git worktree` of an older commit) with the
+same files, so before/after ratios come from one run. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -21,20 +25,28 @@ import tempfile
 from ._cli import prog_name, run_main
 
 
-def write_results(path: str, mb: int) -> int:
-    """A results list of ~`mb` MB: realistic entries (compressed RLE of ~300 characters)."""
+def write_results(path: str, mb: int, detectron2: bool = False) -> int:
+    """A results list of ~`mb` MB: realistic entries (compressed RLE of ~300 characters of
+    pycocotools' alphabet, the bytes 48-111); `detectron2`: in its key order with a bbox of float32
+    values, as its `instances_to_coco_json` and Python's json write them."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    alphabet = np.frombuffer(b"0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz", np.uint8)
+    alphabet = np.arange(48, 112, dtype=np.uint8)
     n = 0
     with open(path, "w") as f:
         f.write("[")
         while f.tell() < mb << 20:
             counts = alphabet[rng.integers(0, len(alphabet), 300)].tobytes().decode()
-            entry = {"image_id": int(n // 8), "category_id": int(1 + n % 80), "score": round(float(rng.random()), 4),
-                     "segmentation": {"size": [480, 640], "counts": counts}}
-            f.write(("," if n else "") + json.dumps(entry))
+            segmentation = {"size": [480, 640], "counts": counts}
+            if detectron2:
+                box = rng.uniform(0, 600, 4).astype(np.float32).tolist()
+                entry = {"image_id": int(n // 8), "category_id": int(1 + n % 80), "bbox": box,
+                         "score": float(rng.random()), "segmentation": segmentation}
+            else:
+                entry = {"image_id": int(n // 8), "category_id": int(1 + n % 80), "score": round(float(rng.random()), 4),
+                         "segmentation": segmentation}
+            f.write((", " if n else "") + json.dumps(entry))
             n += 1
         f.write("]")
     return n
@@ -56,28 +68,39 @@ CHILD = r"""
 import io, json, resource, sys, time
 from bpr_core import formats
 path = sys.argv[1]
+read_bytes = [0]  # over every stream opened (the columnar reader reopens the file to hand it over)
 class Counting(io.RawIOBase):
     def __init__(self, f):
-        self.f, self.read_bytes = f, 0
+        self.f = f
     def readable(self):
         return True
     def readinto(self, b):
         data = self.f.read(len(b))
         b[:len(data)] = data
-        self.read_bytes += len(data)
+        read_bytes[0] += len(data)
         return len(data)
-t = time.perf_counter()
-counting = Counting(open(path, "rb"))
-# older readers take a text stream; this one takes bytes (gzip/BOM detection)
-source = counting if hasattr(formats, "open_text") else io.TextIOWrapper(io.BufferedReader(counting), encoding="utf-8")
+    def close(self):
+        self.f.close()
+        super().close()
+columnar = sys.argv[2] == "columnar"
+t, cpu = time.perf_counter(), time.process_time()
 rows, error = 0, ""
 try:
-    for _ in formats.iter_results_json(source, name=path):
-        rows += 1
+    if columnar:
+        from bpr_core.results_arrow import iter_results_batches
+        for table, others in iter_results_batches(lambda: Counting(open(path, "rb")), None, path):
+            rows += table.num_rows + len(others)
+    else:
+        # older readers take a text stream; this one takes bytes (gzip/BOM detection)
+        counting = Counting(open(path, "rb"))
+        source = counting if hasattr(formats, "open_text") else io.TextIOWrapper(io.BufferedReader(counting), encoding="utf-8")
+        for _ in formats.iter_results_json(source, strict=False, name=path):
+            rows += 1
 except formats.InputError as e:
     error = str(e).replace(path, "FILE")[:160]
-print(json.dumps({"seconds": round(time.perf_counter() - t, 3), "rows": rows, "error": error,
-                  "bytes_read_mb": round(counting.read_bytes / 2 ** 20, 1),
+print(json.dumps({"seconds": round(time.perf_counter() - t, 3), "cpu_seconds": round(time.process_time() - cpu, 3),
+                  "rows": rows, "error": error,
+                  "bytes_read_mb": round(read_bytes[0] / 2 ** 20, 1),
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 """
 
@@ -93,21 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "cases": []}
     with tempfile.TemporaryDirectory() as d:
         files = {}
-        for mb in (64, 128):
-            files[f"results {mb} MB"] = os.path.join(d, f"r{mb}.json")
-            results.setdefault("entries", {})[f"{mb} MB"] = write_results(files[f"results {mb} MB"], mb)
+        for mb, detectron2 in ((64, False), (128, False), (64, True)):
+            case = f"{'detectron2' if detectron2 else 'results'} {mb} MB"
+            files[case] = os.path.join(d, f"{case.replace(' ', '_')}.json")
+            results.setdefault("entries", {})[case] = write_results(files[case], mb, detectron2)
         files[f"1 entry + {args.pad_mb} MB NUL"] = os.path.join(d, "pad.json")
         write_padded(files[f"1 entry + {args.pad_mb} MB NUL"], args.pad_mb)
-        print(f"{'reader':<24} {'input':<22} {'s':>7} {'rows':>8} {'read MB':>8} {'peak MB':>8}  error")
+        print(f"{'checkout':<24} {'reader':<10} {'input':<22} {'s':>7} {'cpu s':>7} {'rows':>8} {'read MB':>8} {'peak MB':>8}  error")
         for label, repo in repos:
-            for case, path in files.items():
-                p = subprocess.run([sys.executable, "-c", CHILD, path], cwd=repo, capture_output=True, text=True, timeout=1800)
-                if p.returncode:
-                    raise RuntimeError(p.stderr[-2000:])
-                r = {"reader": label, "input": case, **json.loads(p.stdout.strip().splitlines()[-1])}
-                results["cases"].append(r)
-                print(f"{label[-24:]:<24} {case:<22} {r['seconds']:>7.2f} {r['rows']:>8} {r['bytes_read_mb']:>8} "
-                      f"{r['peak_rss_mb']:>8}  {r['error'][:70]}")
+            readers = ["entries"] + (["columnar"] if os.path.exists(os.path.join(repo, "bpr_core", "results_arrow.py")) else [])
+            for reader in readers:
+                for case, path in files.items():
+                    p = subprocess.run([sys.executable, "-c", CHILD, path, reader], cwd=repo, capture_output=True, text=True,
+                                       timeout=1800)
+                    if p.returncode:
+                        raise RuntimeError(p.stderr[-2000:])
+                    r = {"checkout": label, "reader": reader, "input": case, **json.loads(p.stdout.strip().splitlines()[-1])}
+                    results["cases"].append(r)
+                    print(f"{label[-24:]:<24} {reader:<10} {case:<22} {r['seconds']:>7.2f} {r['cpu_seconds']:>7.2f} {r['rows']:>8} "
+                          f"{r['bytes_read_mb']:>8} {r['peak_rss_mb']:>8}  {r['error'][:60]}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
