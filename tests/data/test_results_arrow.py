@@ -62,7 +62,8 @@ def _entry(rng: random.Random, odd: float) -> str:
     if rng.random() < odd:  # an unusual value of an interpreted key
         key = rng.choice(["image_id", "category_id", "score", "size", "counts", "bbox"])
         values[key] = rng.choice([
-            "1.0", '"3"', "null", "-4", "true", "12345678901234567890", "[1, 2]", "[0, 5]", "[8]", "[8, 8, 8]",
+            "1.0", '"3"', "null", "-4", "true", "12345678901234567890", "9999999999999999999", "-999999999999999999",
+            "[1, 2]", "[9999999999999999999, 8]", "[0, 5]", "[8]", "[8, 8, 8]",
             '"b0\\\\4"', '"b0\\"4"', '"a b"', '"\\u0030\\u0031"', '"caf\u00e9"', "[1, 2, 3]", "[1, 2, 3, 4, 5]", '[1, "2", 3, 4]',
             "[NaN, 1, 2, 3]", "{}", "[[1, 2]]"])
     if rng.random() < odd:  # a polygon, an uncompressed RLE, or no segmentation
