@@ -1,11 +1,12 @@
 """Ingest for the refinement job: check inputs and model before Ray starts, stream and validate the
 instances record by record, and spill them by shard to local files.
 
-Inputs are streamed (a results JSON in chunks, its plain entries read as columns and the others entry
-by entry; Parquet batch by batch), so the driver never holds the whole input; a shard holds up to shard_size images in image-id order. Only what needs the
-image index is checked here (unknown or unusable image ids, the pixel limit on the mask size); the
-per-image checks (duplicate instance ids, size against the decoded image) run in the extraction
-actors, so the driver keeps no per-instance state.
+Inputs are streamed (a results JSON in chunks, its plain entries read as columns and the others
+entry by entry; Parquet batch by batch), so the driver never holds the whole input; a shard holds
+up to shard_size images in image-id order. Only what needs the image index is checked here
+(unknown or unusable image ids, the pixel limit on the mask size); the per-image checks
+(duplicate instance ids, size against the decoded image) run in the extraction actors, so the
+driver keeps no per-instance state.
 """
 
 from __future__ import annotations
