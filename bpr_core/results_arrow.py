@@ -207,8 +207,8 @@ def _box_text(tokens: list[pa.Array]) -> tuple[pa.Array, np.ndarray]:
     return pc.binary_join_element_wise('{"bbox":[', texts[0], ",", texts[1], ",", texts[2], ",", texts[3], "]}", ""), ok
 
 
-def _layout(order) -> tuple[list[str], dict[str, int], int]:
-    """The keys in text order, the index of each key's closing quote among an entry's quotes (the
+def _layout(order) -> tuple[dict[str, int], int]:
+    """The index of each key's closing quote among an entry's quotes, keys in text order (the
     counts value's opening quote as "value"), and the number of quotes per entry."""
     keys = [k for key in order[0] for k in ((key,) + order[1] if key == "segmentation" else (key,))]
     close, q = {}, 0
@@ -218,7 +218,7 @@ def _layout(order) -> tuple[list[str], dict[str, int], int]:
         if k == "counts":
             close["value"] = q
             q += 2
-    return keys, close, q
+    return close, q
 
 
 def _match_orders(pieces: pa.Array) -> tuple[np.ndarray, list]:
@@ -255,7 +255,7 @@ def _columns(sub: pa.Array, order, positions: np.ndarray, sizes, name: str) -> t
     the pieces' bytes gives every value's span: from its key's closing quote to the next quote (or
     the piece's end)."""
     sub = sub.take(pa.array(np.arange(len(sub))))  # compact: its own offsets and bytes
-    keys, close, per = _layout(order)
+    close, per = _layout(order)
     _, offs_buf, data = sub.buffers()
     offsets = np.frombuffer(offs_buf, np.int32)[sub.offset: sub.offset + len(sub) + 1].astype(np.int64)
     quotes = offsets[0] + np.flatnonzero(np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]] == ord('"'))
