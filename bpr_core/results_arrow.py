@@ -71,7 +71,8 @@ _VALUES = {  # matched, never captured: RE2's DFA alone (the values' spans come 
     "counts": f'"{_COUNTS}"',
 }
 _KEY = re.compile(r'"(image_id|category_id|score|bbox|segmentation|size|counts)"[ \t\n\r]*:')
-_WS = b" \t\r\n"
+_BLANK = " \t\n\r"  # JSON's blanks
+_WS = _BLANK.encode()
 
 
 def _member(key: str, inner: tuple[str, ...]) -> str:
@@ -155,10 +156,6 @@ def _exact_row(text: str | bytes, position: int, sizes, name: str) -> dict:
     return row
 
 
-def _valid(arr) -> np.ndarray:
-    return arr.is_valid().to_numpy(zero_copy_only=False)
-
-
 def _has(texts: pa.Array, sub: str) -> np.ndarray:
     return pc.match_substring(texts, sub).to_numpy(zero_copy_only=False)
 
@@ -174,9 +171,6 @@ def _python_float_text(values: pa.Array) -> tuple[pa.Array, np.ndarray]:
         ok = (mag == 0) | ((mag >= 1e-4) & (mag < 1e16))
     ok &= ~(_has(text, "e") | _has(text, "n"))  # no exponent, inf or nan (defensive: not in that range)
     return pc.if_else(pa.array(~_has(text, ".")), pc.binary_join_element_wise(text, ".0", ""), text), ok
-
-
-_BLANK = " \t\n\r"
 
 
 def _spans(data: pa.Buffer, a: np.ndarray, b: np.ndarray) -> pa.Array:
@@ -254,10 +248,9 @@ def _columns(sub: pa.Array, order, positions: np.ndarray, sizes, name: str) -> t
     keys and the counts string; no other string, no escaped quote), so one search for quotes over
     the pieces' bytes gives every value's span: from its key's closing quote to the next quote (or
     the piece's end)."""
-    sub = sub.take(pa.array(np.arange(len(sub))))  # compact: its own offsets and bytes
     close, per = _layout(order)
     _, offs_buf, data = sub.buffers()
-    offsets = np.frombuffer(offs_buf, np.int32)[sub.offset: sub.offset + len(sub) + 1].astype(np.int64)
+    offsets = np.frombuffer(offs_buf, np.int32)[sub.offset: sub.offset + len(sub) + 1].astype(np.int64)  # into `data`
     quotes = offsets[0] + np.flatnonzero(np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]] == ord('"'))
     if len(quotes) != per * len(sub):
         raise _Exact()  # cannot happen for pieces the grammar matched
@@ -425,7 +418,7 @@ def _check_begun(buf: bytes) -> None:
     text = buf.decode("utf-8", errors="replace")  # a character cut at the end stays at the end
     decoder, pos = json.JSONDecoder(), 0
     while True:
-        pos = len(text) - len(text[pos:].lstrip(" \t\r\n"))
+        pos = len(text) - len(text[pos:].lstrip(_BLANK))
         if pos >= len(text):
             return
         try:
@@ -434,7 +427,7 @@ def _check_begun(buf: bytes) -> None:
             if not _may_be_cut(e, text):
                 raise _Exact() from None
             return
-        rest = text[pos:].lstrip(" \t\r\n")
+        rest = text[pos:].lstrip(_BLANK)
         if rest and rest[0] == ",":
             pos = len(text) - len(rest) + 1
         elif rest and rest[0] != "]":

@@ -64,16 +64,13 @@ def test_kill_and_resume_continues_step_and_schedule(tiny_sets, tmp_path):
 def test_short_training_improves_and_exports_a_loadable_model(tiny_sets, tmp_path):
     out = tmp_path / "run"
     rc, log = _train(["--data", str(tiny_sets / "train"), "--val", str(tiny_sets / "val"), "--out", str(out),
-                      "--iters", "150", "--eval-every", "25", "--batch-size", "16", "--workers", "2", "--num-cpus", "2",
+                      "--iters", "150", "--eval-every", "50", "--batch-size", "16", "--workers", "2", "--num-cpus", "2",
                       "--lr", "0.05"], {"BPR_RAY_TEMP_DIR": f"/tmp/bprt-tr2-{os.getpid()}"})
     assert rc == 0, log
     steps = _steps(out)
     assert steps[-1]["loss"] < steps[0]["loss"]  # validation loss went down
-    # patch IoU rose past the first (early) evaluation; evaluations fluctuate, so not necessarily
-    # at the last one (it did not, once, from step 50 to 150): the job exports the best
-    ious = [m["patch_iou"] for m in steps]
-    assert max(ious[1:]) > ious[0]
-    assert steps[-1]["best_patch_iou"] == max(ious)
+    assert steps[-1]["patch_iou"] > steps[0]["patch_iou"]
+    assert steps[-1]["best_patch_iou"] == max(m["patch_iou"] for m in steps)  # the job exports the best
     # and the refined patches beat the coarse ones they came from
     assert steps[-1]["patch_iou"] > steps[-1]["coarse_patch_iou"]
     loaded = load_checkpoint(out / "model.pt")  # weights_only=True inside
