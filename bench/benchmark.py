@@ -274,7 +274,8 @@ def fresh_ray(fn):
         init_ray()
 
 
-def benchmark(root: Path, n: int, checkpoint: str | None = None, batch_size: int = 64, quick: bool = False) -> dict:
+def benchmark(root: Path, n: int, checkpoint: str | None = None, batch_size: int = 64, quick: bool = False,
+              driver: bool = True) -> dict:
     from pipeline.runtime import init_ray
 
     init_ray()
@@ -308,7 +309,8 @@ def benchmark(root: Path, n: int, checkpoint: str | None = None, batch_size: int
     # Summed RSS counts a shared page (the object store) once per process that touched it; PSS
     # divides it among them: the memory the process tree really holds.
     res["peak_pss_4n_over_n"] = res["memory_4n"]["peak_pss_mb"] / res["memory_n"]["peak_pss_mb"]
-    res["driver"] = driver_cost(root, [20_000, 80_000] if quick else [500_000, 2_000_000])
+    if driver:
+        res["driver"] = driver_cost(root, [20_000, 80_000] if quick else [500_000, 2_000_000])
     import ray
 
     if torch.cuda.is_available() and ray.cluster_resources().get("GPU", 0) >= 1:

@@ -8,8 +8,9 @@ part of the shard keys), never decoded:
               input; per image, not per instance) and start the listing of the images root in a
               child process, as the job does from 100k images on (its CPU is reported apart, as
               `listing`, and not counted as the driver's)
-    ingest    read the input (a Parquet instance table column by column, or a results JSON entry by
-              entry), validate it against the image index, spill by shard
+    ingest    read the input (a Parquet instance table column by column, or a results JSON as
+              columns; a plain one from 128 MB on by reader processes beside the driver, whose CPU
+              is reported apart as `readers`), validate it against the image index, spill by shard
     plan      per shard: read the spill, join the image identities, hash the shard key, cut Arrow
               input blocks and put them into a local Ray's object store (`graph.images_per_put`)
     receipts  the commit bookkeeping for one receipt per written part
@@ -159,7 +160,10 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
     gc.collect()
     held0 = sys.getallocatedblocks(), pa.total_allocated_bytes()
     indexed = timed("index", lambda: index_images(opts, background=True))  # per image: the index; the listing starts
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # the reader processes (joined by the ingest's end)
     shards, quarantined, n_in = timed("ingest", lambda: prepare_shards(opts, indexed))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    readers_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     model_id = model_identity("identity", None, card)
     ledger = ShardLedger(out, opts.max_unreadable_share)
 
@@ -224,6 +228,9 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
                         "cpu_us_per_image": round(1e6 * listing_cpu / max(1, len(indexed[1])), 2)},
             "summaries": {"where": "Ray tasks (their CPU measured in-process after the run)", "cpu_s": round(summary_cpu[0], 3),
                           "cpu_us_per_instance": round(1e6 * summary_cpu[0] / n_in, 2)},
+            "readers": {"where": "reader processes beside the driver (a plain results JSON from 128 MB on; "
+                                 "bpr_core.results_parallel)", "processes": _readers(opts),
+                        "cpu_s": round(readers_cpu, 3), "cpu_us_per_instance": round(1e6 * readers_cpu / n_in, 2)},
             # the two parts of the driver's cost: per image (the index) and per instance (everything else)
             "index_cpu_us_per_image": round(1e6 * phases["index"]["cpu_s"] / max(1, len(indexed[1])), 2),
             "other_cpu_us_per_instance": round(1e6 * (cpu - phases["index"]["cpu_s"]) / n_in, 2),
@@ -233,6 +240,17 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
             # and the input bytes put (held in the object store until the flow reads them)
             "peak_shmem_mb": round(shmem[0], 1), "put_bytes_per_instance": round(put_bytes[0] / n_in, 1),
             "heap_bytes_per_instance": round((peak - shmem[0] - base_rss) * 2**20 / n_in, 1)}
+
+
+def _readers(opts) -> int:
+    """How many reader processes read the results JSON (0: read in the driver process)."""
+    from bpr_core import results_parallel
+    from pipeline import storage
+
+    loc = storage.resolve(opts.coarse)
+    if not loc.path.lower().endswith(".json") or results_parallel.default_workers() < 2:
+        return 0
+    return results_parallel.default_workers() if results_parallel.plan(results_parallel.FileOpener(loc.fs, loc.path)) else 0
 
 
 def memory_split(points: list[dict], same_images: dict) -> dict:
@@ -315,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                   + f"), peak RSS {p['peak_rss_mb']:.0f} MB ({p['memory_bytes_per_instance']:.0f} B/instance over start-up); "
                   f"= {p['index_cpu_us_per_image']:.1f} us per image + {p['other_cpu_us_per_instance']:.2f} us per instance; "
                   f"off the driver: listing {p['listing']['cpu_s']:.1f} s ({p['listing']['cpu_us_per_image']:.1f} us per image), "
-                  f"shard summaries {p['summaries']['cpu_s']:.1f} s ({p['summaries']['cpu_us_per_instance']:.2f} us per instance)")
+                  f"shard summaries {p['summaries']['cpu_s']:.1f} s ({p['summaries']['cpu_us_per_instance']:.2f} us per instance), "
+                  f"JSON readers {p['readers']['cpu_s']:.1f} s ({p['readers']['cpu_us_per_instance']:.2f} us per instance, "
+                  f"{p['readers']['processes']} processes)")
         by_format[fmt] = {"points": points, "projection_20m": project(points)}
         if per_image_same:
             split = by_format[fmt]["memory_split"] = memory_split(points, one(sizes[-1], per_image_same))

@@ -12,7 +12,11 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
+# The shipped model (here, not in refiner.py, so that naming it does not import torch: the jobs'
+# command lines and the processes they spawn import their module first).
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
 MODEL_NAMES = ("hrnet18s", "hrnet_lite", "efflite0")
 # Image normalisation each network was (pre)trained with: ImageNet mean/std for the HRNets
 # (official img_norm_cfg), (x - 127) / 128 for EfficientNet-Lite (its TF reference).

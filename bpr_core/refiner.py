@@ -20,13 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import BPRConfig
+from .config import DEFAULT_WEIGHTS, BPRConfig
 from .model import RefineNet, build_model
 from .preprocess import normalise, to_network_inputs
 from . import flow
 from .patches import probability_map
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
 CHECKPOINT_FORMAT = "bpr-checkpoint/1"
 
 

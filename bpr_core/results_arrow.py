@@ -142,6 +142,11 @@ def _scan(buf: bytes) -> _Scan:
     return _Scan(pos[:stop][term], bool(len(close)))
 
 
+def exact_reader(sizes, name: str) -> Callable[[str | bytes, int], dict]:
+    """read_one(text, position): one entry, cut out exactly, as the per-entry reader gives it."""
+    return lambda text, position: _exact_row(text, position, sizes, name)
+
+
 def _exact_row(text: str | bytes, position: int, sizes, name: str) -> dict:
     """One entry's row as the per-entry reader gives it (the entry is cut out exactly)."""
     try:
@@ -240,7 +245,7 @@ def _match_orders(pieces: pa.Array) -> tuple[np.ndarray, list]:
     return which, orders
 
 
-def _columns(sub: pa.Array, order, positions: np.ndarray, sizes, name: str) -> tuple[pa.Table, list[dict]]:
+def _columns(sub: pa.Array, order, positions: np.ndarray, read_one: Callable) -> tuple[pa.Table, list[dict]]:
     """Pieces that all match `order` -> (the rows the columns vouch for, the others' rows from the
     per-entry reader: a value the columns cannot give as Python would).
 
@@ -280,7 +285,7 @@ def _columns(sub: pa.Array, order, positions: np.ndarray, sizes, name: str) -> t
         "rle_counts": pc.replace_substring(counts, "\\\\", "\\"),
         "rle_h": pc.cast(h.filter(keep), pa.int64()), "rle_w": pc.cast(w.filter(keep), pa.int64()),
         "detector_fields": fields.filter(keep), "position": pa.array(positions[ok])}, schema=ROW_SCHEMA)
-    others = [_exact_row("{" + sub[int(i)].as_py() + "}", int(positions[i]), sizes, name) for i in np.flatnonzero(~ok)]
+    others = [read_one("{" + sub[int(i)].as_py() + "}", int(positions[i])) for i in np.flatnonzero(~ok)]
     return table, others
 
 
@@ -306,7 +311,7 @@ def _first_end(buf: bytes, start: int) -> int | None:
 
 
 def _walk(buf: bytes, body: bytes, lead: int, last_len: int, which: np.ndarray, eof: bool, carry: bytes,
-          first: int, sizes, name: str, others: list[dict]):
+          first: int, read_one: Callable, others: list[dict]):
     """The entries of a buffer whose pieces are not all plain: plain pieces are entries as long as
     the pieces before them were (the cut is then at real boundaries); from a piece that is not, the
     entries are cut out exactly (a scan from the entry's start) and read by the per-entry reader,
@@ -339,7 +344,7 @@ def _walk(buf: bytes, body: bytes, lead: int, last_len: int, which: np.ndarray, 
         odd += 1
         if odd > MAX_ODD:
             return None, 0, b""
-        others.append(_exact_row(buf[at:end], first + e, sizes, name))
+        others.append(read_one(buf[at:end], first + e))
         e += 1
         if buf[end] == ord("]"):  # the list's end: only where the buffer's tail said it is
             if not eof or buf[end + 1:].strip(_WS):
@@ -351,7 +356,7 @@ def _walk(buf: bytes, body: bytes, lead: int, last_len: int, which: np.ndarray, 
     return entry, e, carry
 
 
-def _fast_chunk(buf: bytes, eof: bool, first: int, sizes, name: str):
+def _fast_chunk(buf: bytes, eof: bool, first: int, read_one: Callable):
     """A buffer that starts at an entry's start -> (table, other rows, number of entries, carry),
     or None where the exact scan has to cut all of it (the list's end not where an entry ends).
 
@@ -394,7 +399,7 @@ def _fast_chunk(buf: bytes, eof: bool, first: int, sizes, name: str):
     if (which < 0).sum() > MAX_ODD:
         return None  # mostly entries that are not plain (polygons, ...): one exact scan for the chunk
     if (which < 0).any():
-        entry, n, carry = _walk(buf, body, lead, last_len, which, eof, carry, first, sizes, name, others)
+        entry, n, carry = _walk(buf, body, lead, last_len, which, eof, carry, first, read_one, others)
         if entry is None:
             return None
     tables = []
@@ -402,7 +407,7 @@ def _fast_chunk(buf: bytes, eof: bool, first: int, sizes, name: str):
         for o, order in enumerate(orders):
             at = np.flatnonzero((which == o) & (entry >= 0))
             if len(at):
-                table, bad = _columns(complete.take(pa.array(at)), order, first + entry[at], sizes, name)
+                table, bad = _columns(complete.take(pa.array(at)), order, first + entry[at], read_one)
                 tables.append(table)
                 others += bad
     except pa.ArrowException:
@@ -445,62 +450,85 @@ def _skip_ws(f, head: bytes) -> bytes:
             return b""
 
 
-def _columnar(open_stream: Callable, sizes, name: str, chunk_bytes: int, done: list[int]) -> Iterator[tuple[pa.Table, list[dict]]]:
+def _columnar(open_stream: Callable, read_one: Callable, name: str, chunk_bytes: int,
+              done: list[int]) -> Iterator[tuple[pa.Table, list[dict]]]:
     what = f"results file {name}"
     raw = open_stream()
     with raw, open_binary(raw, what) as f:
         head = _skip_ws(f, f.read(chunk_bytes))
         if not head.startswith(b"["):
             raise _Exact()  # a GT-style object, or not JSON: the per-entry reader decides
-        carry, eof = head[1:], False
-        while True:
-            # at least as much again as is carried: an entry longer than a chunk is scanned a
-            # number of times logarithmic, not linear, in its length
-            data = f.read(max(chunk_bytes, len(carry))) if not eof else b""
-            eof = eof or not data
-            buf = carry + data
-            fast = _fast_chunk(buf, eof, done[0], sizes, name)
-            if fast is not None:
-                table, others, n, carry = fast
-                if n:
-                    done[0] += n
-                    yield table, others
-                if eof:
-                    return
-                continue
-            # Cut exactly, then read entry by entry.
-            scan = _scan(buf)
-            if not len(scan.ends):
-                if eof or len(buf) > MAX_ENTRY_CHARS:
-                    raise _Exact()  # not closed, or an element over the bound
-                _check_begun(buf)
-                carry = buf
-                continue
-            end = int(scan.ends[-1]) + 1
-            if scan.closed and _skip_ws(f, buf[end:]):
-                raise _Exact()  # text after the list
-            starts = np.r_[0, scan.ends[:-1] + 1]
-            rows = [_exact_row(buf[a:b], done[0] + i, sizes, name) for i, (a, b) in enumerate(zip(starts.tolist(), scan.ends.tolist()))]
-            done[0] += len(rows)
-            yield ROW_SCHEMA.empty_table(), rows
-            if scan.closed:
-                return
+        yield from _entries(f, head[1:], read_one, chunk_bytes, done)
+
+
+def _entries(f, carry: bytes, read_one: Callable, chunk_bytes: int, done: list[int]) -> Iterator[tuple[pa.Table, list[dict]]]:
+    """The list's entries from an entry's start on, to the list's end: `carry` holds the first bytes
+    (blanks may lead), `f` the rest; done[0] entries come before (positions count on from there)."""
+    eof = False
+    while True:
+        # at least as much again as is carried: an entry longer than a chunk is scanned a
+        # number of times logarithmic, not linear, in its length
+        data = f.read(max(chunk_bytes, len(carry))) if not eof else b""
+        eof = eof or not data
+        buf = carry + data
+        fast = _fast_chunk(buf, eof, done[0], read_one)
+        if fast is not None:
+            table, others, n, carry = fast
+            if n:
+                done[0] += n
+                yield table, others
             if eof:
-                raise _Exact()  # the list is not closed
-            carry = buf[end:]
+                return
+            continue
+        # Cut exactly, then read entry by entry.
+        scan = _scan(buf)
+        if not len(scan.ends):
+            if eof or len(buf) > MAX_ENTRY_CHARS:
+                raise _Exact()  # not closed, or an element over the bound
+            _check_begun(buf)
+            carry = buf
+            continue
+        end = int(scan.ends[-1]) + 1
+        if scan.closed and _skip_ws(f, buf[end:]):
+            raise _Exact()  # text after the list
+        starts = np.r_[0, scan.ends[:-1] + 1]
+        rows = [read_one(buf[a:b], done[0] + i) for i, (a, b) in enumerate(zip(starts.tolist(), scan.ends.tolist()))]
+        done[0] += len(rows)
+        yield ROW_SCHEMA.empty_table(), rows
+        if scan.closed:
+            return
+        if eof:
+            raise _Exact()  # the list is not closed
+        carry = buf[end:]
 
 
 def iter_results_batches(open_stream: Callable, sizes: dict[int, ImageRecord] | None, name: str,
-                         chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[pa.Table, list[dict]]]:
+                         chunk_bytes: int = CHUNK_BYTES, ranged: Callable | None = None,
+                         workers: int | None = None, **parallel) -> Iterator[tuple[pa.Table, list[dict]]]:
     """A results JSON (plain or gzip; `open_stream()` opens it as a binary stream, again if the
     per-entry reader has to take over) in steps: (a table of ROW_SCHEMA of the rows the columns
     vouch for, the other entries' rows as the per-entry reader gives them: valid rows as dicts,
     bad ones with an `invalid` reason, each with its `position`). Together, the rows of
     `iter_results_json(..., strict=False)`, each with its position. A malformed file raises the
-    per-entry reader's InputError."""
+    per-entry reader's InputError.
+
+    `ranged`: a picklable callable that opens the same file for random access; a large plain file
+    is then read by `workers` processes at once (`results_parallel`; default one per core, at most
+    8; `parallel` passes its other settings, for tests)."""
     done = [0]
+    read_one = exact_reader(sizes, name)
     try:
-        yield from _columnar(open_stream, sizes, name, chunk_bytes, done)
+        layout = None
+        if ranged is not None:
+            from . import results_parallel
+
+            workers = workers or results_parallel.default_workers()
+            if workers > 1:
+                layout = results_parallel.plan(ranged, parallel.pop("min_bytes", results_parallel.MIN_BYTES))
+        if layout:
+            yield from results_parallel.iter_ranges(ranged, *layout, read_one, chunk_bytes, done, workers, **parallel)
+        else:
+            yield from _columnar(open_stream, read_one, name, chunk_bytes, done)
         return
     except (_Exact, EOFError, OSError):
         pass

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                          "model (speed only)")
     ap.add_argument("--batch-size", type=int, default=64, help="patches per network batch, all runs (default 64)")
     ap.add_argument("--work", help="working directory for data and outputs (default: a temporary one)")
+    ap.add_argument("--no-driver", action="store_true",
+                    help="skip the driver-cost section (6), which does not depend on the model (~12 minutes here)")
     args = ap.parse_args(argv)
     from bench.benchmark import benchmark
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.benchmark import untrained_checkpoint
 
         checkpoint = untrained_checkpoint(work, args.untrained)
-    res = benchmark(work, n, checkpoint, args.batch_size, quick=args.quick)
+    res = benchmark(work, n, checkpoint, args.batch_size, quick=args.quick, driver=not args.no_driver)
     res["machine"].update(platform=platform.platform(), processor=platform.processor() or platform.machine())
     stats = res["end_to_end"].pop("stage_stats", "")
     for k in ("memory_n", "memory_4n", "end_to_end_4n", "end_to_end_2_actors", "end_to_end_1_actor"):
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
           f"summed RSS {mn['peak_rss_mb']:.0f} -> {m4['peak_rss_mb']:.0f} MB, of it shared memory "
           f"{mn['peak_rss_shmem_mb']:.0f} -> {m4['peak_rss_shmem_mb']:.0f} MB)")
     t = res["targets"]["driver_cpu_us_per_instance"]
-    for fmt, d in res["driver"]["by_format"].items():
+    for fmt, d in res.get("driver", {}).get("by_format", {}).items():
         drv, pr = d["points"][-1], d["projection_20m"]
         print(f"{'driver CPU us per instance':30} {drv['cpu_us_per_instance']:6.2f}  target <= {t}  "
               f"{'met' if drv['cpu_us_per_instance'] <= t else 'NOT met'}  ({fmt} input, {drv['instances']:,} instances, "

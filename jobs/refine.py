@@ -22,10 +22,9 @@ import sys
 from pathlib import Path
 
 from bpr_core import BPRConfig
-from bpr_core.config import OFFICIAL_RULES
+from bpr_core.config import DEFAULT_WEIGHTS, OFFICIAL_RULES
 from bpr_core.formats import InputError
 from bpr_core.imageio import DEFAULT_MAX_PIXELS, EXIF_POLICIES
-from bpr_core.refiner import DEFAULT_WEIGHTS
 
 from ._cli import prog_name, run_main
 

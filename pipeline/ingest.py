@@ -26,6 +26,7 @@ from bpr_core.formats import (INSTANCE_COLUMNS, INT64_MAX, REFINED_SCHEMA, Image
                               read_image_index, table_row)
 from bpr_core.refiner import make_patch_refiner
 from bpr_core.results_arrow import iter_results_batches
+from bpr_core.results_parallel import FileOpener
 
 from . import storage
 from .commit import ImageListing
@@ -253,13 +254,16 @@ def _table_batches(loc: storage.Location) -> Iterator[tuple[pa.Table, list[dict]
 
 def _json_batches(loc: storage.Location, index: ImageIndex) -> Iterator[tuple[pa.Table, list[dict]]]:
     """A results JSON (plain or gzip), streamed: the plain entries as columns, the others entry by
-    entry (`bpr_core.results_arrow`, the same rows as `iter_results_json`), in steps: (a table of
+    entry (`bpr_core.results_arrow`, the same rows as `iter_results_json`; a plain file from 128 MB
+    on in byte ranges by reader processes, `bpr_core.results_parallel`), in steps: (a table of
     the rows the columns vouch for, the other rows: valid ones as dicts, bad ones with an `invalid`
     reason)."""
     def open_stream():  # again if the entry-by-entry reader has to take over the file
         return loc.fs.open_input_stream(loc.path, compression=None)
 
-    for table, others in iter_results_batches(open_stream, index.records, loc.uri):
+    # a large plain file is read in byte ranges by reader processes beside the driver
+    ranged = FileOpener(loc.fs, loc.path)
+    for table, others in iter_results_batches(open_stream, index.records, loc.uri, ranged=ranged):
         for row in others:
             row["source_file"] = loc.uri
         columns = {n: table[n] for n in table.column_names}

@@ -245,3 +245,48 @@ def test_a_malformed_input_leaves_no_spill_or_listing_behind(tmp_path):
     listing = indexed[1].listing
     assert listing._process is None and listing._dir is None  # the child stopped, its file removed
     assert not [d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("bpr-refine-")]  # no spill left
+
+
+def test_a_results_json_read_by_reader_processes_gives_the_same_shards_and_quarantine(tmp_path, monkeypatch):
+    """The job's ingest with the results JSON read in byte ranges by reader processes (the size
+    threshold lowered for the test): the same shards, row for row, and the same quarantined rows
+    (their reasons name the same entry positions) as reading it in the driver process."""
+    from bpr_core import results_parallel
+
+    _index(tmp_path, 40)
+    rows = [{"image_id": i % 40 + 1, "category_id": 1 + i % 5, "bbox": [i * 0.25, 1.5, 3, 4.0], "score": (i % 97) / 97,
+             "segmentation": {"size": [8, 8], "counts": RLE}} for i in range(3000)]
+    rows[5]["image_id"] = 99  # not in the index
+    rows[1234]["segmentation"] = [[1, 1, 5, 1, 5, 5]]  # a polygon: read whole
+    rows[2500]["score"] = "high"  # invalid
+    (tmp_path / "in.json").write_text(json.dumps(rows))
+    opts = RefineOptions(images=str(tmp_path / "images"), coarse=str(tmp_path / "in.json"),
+                         image_info=str(tmp_path / "index.json"), out=str(tmp_path / "out"), method="identity", shard_size=10)
+    monkeypatch.setattr(results_parallel, "MIN_BYTES", 0)
+    monkeypatch.setattr(results_parallel, "RANGE_BYTES", 20_000)
+    monkeypatch.setattr(results_parallel, "MIN_RANGE_BYTES", 20_000)
+    ranges = []
+    real = results_parallel.iter_ranges
+
+    def counted(*args, **kwargs):
+        kwargs["stats"] = stats = {}
+        yield from real(*args, **kwargs)
+        ranges.append(stats)
+
+    monkeypatch.setattr(results_parallel, "iter_ranges", counted)
+
+    def ingest(readers):
+        monkeypatch.setenv("BPR_JSON_READERS", str(readers))
+        shards, quarantined, n_in = prepare_shards(opts)
+        try:
+            return [shards.table(i).drop_columns(["image_identity"]) for i in range(len(shards))], quarantined, n_in
+        finally:
+            shards.close()
+
+    here, q_here, n_here = ingest(1)
+    assert not ranges
+    there, q_there, n_there = ingest(2)
+    assert ranges and ranges[0]["accepted"] >= 10 and ranges[0]["handover_at"] is None, ranges
+    assert n_here == n_there == 3000 and len(here) == len(there) == 4
+    assert all(a.equals(b) for a, b in zip(here, there))
+    assert q_here == q_there and [r["position"] for r in q_there] == [5, 2500]
