@@ -35,9 +35,9 @@ import pyarrow.compute as pc
 from .results_arrow import _SEPARATOR_RE, _WS, MAX_ENTRY_CHARS, ROW_SCHEMA, _entries, _Exact, _fast_chunk, _first_end
 
 MIN_BYTES = 128 << 20  # smaller files are read in this process (starting the readers costs ~1 s)
-RANGE_BYTES = 32 << 20  # at most, bytes per range (a range's rows come back as one table); at least 4
-# ranges per reader, so that the last ones do not leave readers idle, and at least MIN_RANGE_BYTES
-MIN_RANGE_BYTES = 4 << 20
+# Bytes per range: 4 ranges per reader (so the last ones leave no reader idle for long), between
+# these bounds (a range's rows come back as one table).
+RANGE_BYTES, MIN_RANGE_BYTES = 32 << 20, 4 << 20
 MAX_WORKERS = 8
 LOOKBACK = 4096  # bytes before a range's start searched for the `}` and comma of a separator
 _RAW = "_raw"  # an entry a reader cut out whole: its text, read into a row by the caller (positions are its)

@@ -1,15 +1,17 @@
 """Benchmark of the input readers: time and peak memory to stream a COCO results JSON of 64 and 128
-MB (entries of ~300 RLE characters), and of 64 MB as detectron2 writes it (its key order, a bbox of
-float32 values), and time and bytes read until a corrupt file (valid first entry, then NUL padding)
-is reported.
+MB (entries of ~300 RLE characters), and of 64 and 256 MB as detectron2 writes it (its key order, a
+bbox of float32 values), and time and bytes read until a corrupt file (valid first entry, then
+NUL padding) is reported.
 
     python -m jobs.bench_inputs [--out docs/bench_inputs.json] [--repo PATH] [--pad-mb 512]
 
-Two readers where the checkout has them: the entry-by-entry reader (`formats.iter_results_json`)
-and the columnar one the refinement job uses (`results_arrow.iter_results_batches`, the same
-rows). Each case runs in a fresh process (peak RSS is that process's ru_maxrss; the time is wall
-and CPU). `--repo` measures another checkout (e.g. a `git worktree` of an older commit) with the
-same files, so before/after ratios come from one run. Prints a table and writes JSON.
+The readers the checkout has: the entry-by-entry reader (`formats.iter_results_json`), the
+columnar one (`results_arrow.iter_results_batches`, the same rows), and the columnar one in byte
+ranges by reader processes (`results_parallel`, as the refinement job reads a plain file from 128
+MB on; their CPU is `readers_cpu_seconds`). Each case runs in a fresh process (peak RSS is that
+process's ru_maxrss; the time is wall and CPU). `--repo` measures another checkout (e.g. a `git
+worktree` of an older commit) with the same files, so before/after ratios come from one run.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -82,13 +84,18 @@ class Counting(io.RawIOBase):
     def close(self):
         self.f.close()
         super().close()
-columnar = sys.argv[2] == "columnar"
+reader = sys.argv[2]
 t, cpu = time.perf_counter(), time.process_time()
 rows, error = 0, ""
 try:
-    if columnar:
+    if reader in ("columnar", "ranges"):
         from bpr_core.results_arrow import iter_results_batches
-        for table, others in iter_results_batches(lambda: Counting(open(path, "rb")), None, path):
+        ranged = {}
+        if reader == "ranges":
+            import pyarrow.fs
+            from bpr_core.results_parallel import FileOpener
+            ranged = {"ranged": FileOpener(pyarrow.fs.LocalFileSystem(), path)}
+        for table, others in iter_results_batches(lambda: Counting(open(path, "rb")), None, path, **ranged):
             rows += table.num_rows + len(others)
     else:
         # older readers take a text stream; this one takes bytes (gzip/BOM detection)
@@ -98,7 +105,9 @@ try:
             rows += 1
 except formats.InputError as e:
     error = str(e).replace(path, "FILE")[:160]
+children = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({"seconds": round(time.perf_counter() - t, 3), "cpu_seconds": round(time.process_time() - cpu, 3),
+                  "readers_cpu_seconds": round(children.ru_utime + children.ru_stime, 3),
                   "rows": rows, "error": error,
                   "bytes_read_mb": round(read_bytes[0] / 2 ** 20, 1),
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
@@ -116,24 +125,29 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "cases": []}
     with tempfile.TemporaryDirectory() as d:
         files = {}
-        for mb, detectron2 in ((64, False), (128, False), (64, True)):
+        for mb, detectron2 in ((64, False), (128, False), (64, True), (256, True)):
             case = f"{'detectron2' if detectron2 else 'results'} {mb} MB"
             files[case] = os.path.join(d, f"{case.replace(' ', '_')}.json")
             results.setdefault("entries", {})[case] = write_results(files[case], mb, detectron2)
         files[f"1 entry + {args.pad_mb} MB NUL"] = os.path.join(d, "pad.json")
         write_padded(files[f"1 entry + {args.pad_mb} MB NUL"], args.pad_mb)
-        print(f"{'checkout':<24} {'reader':<10} {'input':<22} {'s':>7} {'cpu s':>7} {'rows':>8} {'read MB':>8} {'peak MB':>8}  error")
+        print(f"{'checkout':<24} {'reader':<10} {'input':<22} {'s':>7} {'cpu s':>7} {'readers':>7} {'rows':>8} {'read MB':>8} "
+              f"{'peak MB':>8}  error")
         for label, repo in repos:
             readers = ["entries"] + (["columnar"] if os.path.exists(os.path.join(repo, "bpr_core", "results_arrow.py")) else [])
+            readers += ["ranges"] if os.path.exists(os.path.join(repo, "bpr_core", "results_parallel.py")) else []
             for reader in readers:
                 for case, path in files.items():
+                    if reader == "ranges" and os.path.getsize(path) < 128 << 20:
+                        continue  # read in one process either way (results_parallel.MIN_BYTES)
                     p = subprocess.run([sys.executable, "-c", CHILD, path, reader], cwd=repo, capture_output=True, text=True,
                                        timeout=1800)
                     if p.returncode:
                         raise RuntimeError(p.stderr[-2000:])
                     r = {"checkout": label, "reader": reader, "input": case, **json.loads(p.stdout.strip().splitlines()[-1])}
                     results["cases"].append(r)
-                    print(f"{label[-24:]:<24} {reader:<10} {case:<22} {r['seconds']:>7.2f} {r['cpu_seconds']:>7.2f} {r['rows']:>8} "
+                    print(f"{label[-24:]:<24} {reader:<10} {case:<22} {r['seconds']:>7.2f} {r['cpu_seconds']:>7.2f} "
+                          f"{r.get('readers_cpu_seconds', 0):>7.2f} {r['rows']:>8} "
                           f"{r['bytes_read_mb']:>8} {r['peak_rss_mb']:>8}  {r['error'][:60]}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
