@@ -9,7 +9,7 @@ part of the shard keys), never decoded:
               child process, as the job does from 100k images on (its CPU is reported apart, as
               `listing`, and not counted as the driver's)
     ingest    read the input (a Parquet instance table column by column, or a results JSON as
-              columns; a plain one from 128 MB on by reader processes beside the driver, whose CPU
+              columns; a plain one from 512 MB on by reader processes beside the driver, whose CPU
               is reported apart as `readers`), validate it against the image index, spill by shard
     plan      per shard: read the spill, join the image identities, hash the shard key, cut Arrow
               input blocks and put them into a local Ray's object store (`graph.images_per_put`)
@@ -228,7 +228,7 @@ def measure(d: Path, work: Path, fmt: str = "json") -> dict:
                         "cpu_us_per_image": round(1e6 * listing_cpu / max(1, len(indexed[1])), 2)},
             "summaries": {"where": "Ray tasks (their CPU measured in-process after the run)", "cpu_s": round(summary_cpu[0], 3),
                           "cpu_us_per_instance": round(1e6 * summary_cpu[0] / n_in, 2)},
-            "readers": {"where": "reader processes beside the driver (a plain results JSON from 128 MB on; "
+            "readers": {"where": "reader processes beside the driver (a plain results JSON from 512 MB on; "
                                  "bpr_core.results_parallel)", "processes": _readers(opts),
                         "cpu_s": round(readers_cpu, 3), "cpu_us_per_instance": round(1e6 * readers_cpu / n_in, 2)},
             # the two parts of the driver's cost: per image (the index) and per instance (everything else)

@@ -512,9 +512,9 @@ def iter_results_batches(open_stream: Callable, sizes: dict[int, ImageRecord] | 
     `iter_results_json(..., strict=False)`, each with its position. A malformed file raises the
     per-entry reader's InputError.
 
-    `ranged`: a picklable callable that opens the same file for random access; a large plain file
-    is then read by `workers` processes at once (`results_parallel`; default one per core, at most
-    8; `parallel` passes its other settings, for tests)."""
+    `ranged`: a picklable callable that opens the same file for random access; a plain file of
+    results_parallel.MIN_BYTES or more is then read by `workers` processes at once (default one per
+    core, at most 8; `parallel` passes its other settings: min_bytes, range_bytes, executor, stats)."""
     done = [0]
     read_one = exact_reader(sizes, name)
     try:
@@ -524,7 +524,7 @@ def iter_results_batches(open_stream: Callable, sizes: dict[int, ImageRecord] | 
 
             workers = workers or results_parallel.default_workers()
             if workers > 1:
-                layout = results_parallel.plan(ranged, parallel.pop("min_bytes", results_parallel.MIN_BYTES))
+                layout = results_parallel.plan(ranged, parallel.pop("min_bytes", None))
         if layout:
             yield from results_parallel.iter_ranges(ranged, *layout, read_one, chunk_bytes, done, workers, **parallel)
         else:

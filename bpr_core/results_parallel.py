@@ -34,7 +34,13 @@ import pyarrow.compute as pc
 
 from .results_arrow import _SEPARATOR_RE, _WS, MAX_ENTRY_CHARS, ROW_SCHEMA, _entries, _Exact, _fast_chunk, _first_end
 
-MIN_BYTES = 128 << 20  # smaller files are read in this process (starting the readers costs ~1 s)
+# Smaller files are read in the calling process. Measured on 2 cores (jobs.bench_inputs, readers
+# forced): the readers' start (~0.4 s each) and the hand-over of their rows cost more than they
+# save on a 128 MB file (1.35 s against 0.86 s), break even around 256 MB (2.46 against 2.68 s,
+# detectron2's entries) and gain from ~1 GB (6.6-7.1 s against 9.0-9.2 s); beside the job's
+# listing of the images, the 213 and 380 MB files of bench.driver's 2M instances took longer with
+# readers (3.6 s against 2.2 s, 6.1 against 5.8 s).
+MIN_BYTES = 512 << 20
 # Bytes per range: 4 ranges per reader (so the last ones leave no reader idle for long), between
 # these bounds (a range's rows come back as one table).
 RANGE_BYTES, MIN_RANGE_BYTES = 32 << 20, 4 << 20
@@ -158,12 +164,12 @@ def _read(f, start: int, end: int, size: int, chunk_bytes: int) -> RangeRead:
     return out
 
 
-def plan(opener: Callable, min_bytes: int = MIN_BYTES) -> tuple[int, int] | None:
+def plan(opener: Callable, min_bytes: int | None = None) -> tuple[int, int] | None:
     """(size, where the list's first entry may start) for a plain UTF-8 file of at least min_bytes
     that holds a list; None for anything else (gzip, a GT-style object, a small file)."""
     with opener() as f:
         size = f.seek(0, 2)
-        if size < min_bytes:
+        if size < (MIN_BYTES if min_bytes is None else min_bytes):
             return None
         f.seek(0)
         head = f.read(1 << 16)

@@ -254,7 +254,7 @@ def _table_batches(loc: storage.Location) -> Iterator[tuple[pa.Table, list[dict]
 
 def _json_batches(loc: storage.Location, index: ImageIndex) -> Iterator[tuple[pa.Table, list[dict]]]:
     """A results JSON (plain or gzip), streamed: the plain entries as columns, the others entry by
-    entry (`bpr_core.results_arrow`, the same rows as `iter_results_json`; a plain file from 128 MB
+    entry (`bpr_core.results_arrow`, the same rows as `iter_results_json`; a plain file from 512 MB
     on in byte ranges by reader processes, `bpr_core.results_parallel`), in steps: (a table of
     the rows the columns vouch for, the other rows: valid ones as dicts, bad ones with an `invalid`
     reason)."""
