@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections import deque
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -109,6 +108,7 @@ def read_range(opener: Callable, start: int, end: int, size: int, chunk_bytes: i
 
 
 def _read(f, start: int, end: int, size: int, chunk_bytes: int) -> RangeRead:
+    """The entries that start in [start, end), the first at `start`, and where the next one starts."""
     f.seek(start)
     out = RangeRead(start)
     tables = []
@@ -116,6 +116,8 @@ def _read(f, start: int, end: int, size: int, chunk_bytes: int) -> RangeRead:
     while True:
         want = end - (at + len(carry))
         data = f.read(min(max(chunk_bytes, len(carry)), want)) if want > 0 else b""
+        if want > 0 and not data:
+            return RangeRead(start, ok=False)  # shorter than when it was planned: the sequential reader names it
         buf = carry + data
         last = at + len(buf) >= end
         eof = last and end >= size

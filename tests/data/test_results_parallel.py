@@ -169,3 +169,20 @@ def test_readers_that_cannot_start_or_fail_leave_the_reading_to_this_process():
         executor.shutdown()
         _assert_same(got, want)
         assert stats["accepted"] == accepted and stats["handover_at"] is not None, stats
+
+
+def test_a_file_shorter_than_planned_is_left_to_the_sequential_reader():
+    """The file lost its end after the ranges were planned: a reader that meets the early end does
+    not loop; the sequential reader reads what is there and fails as the per-entry reader does."""
+    data = _document(random.Random(12), 100, 0.0).encode()
+    cut = data[: len(data) // 2]
+    read = results_parallel.read_range(lambda: pa.BufferReader(cut), 0, len(data) // 2 + 500, len(data), 1 << 20, True)
+    assert not read.ok
+    rows = []
+    with pytest.raises(InputError) as got:
+        for table, others in iter_results_batches(lambda: io.BytesIO(cut), None, "r.json", ranged=lambda: pa.BufferReader(cut),
+                                                  workers=2, min_bytes=0, range_bytes=300, executor=ThreadPoolExecutor(2)):
+            rows += table.to_pylist() + others
+    with pytest.raises(InputError) as want:
+        _reference(cut)
+    assert str(got.value) == str(want.value)
