@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .formats import InputError
 from .results_arrow import _SEPARATOR_RE, _WS, MAX_ENTRY_CHARS, ROW_SCHEMA, _entries, _Exact, _fast_chunk, _first_end
 
 # Smaller files are read in the calling process. Measured on 2 cores (jobs.bench_inputs, readers
@@ -188,7 +189,7 @@ def default_workers() -> int:
     env = os.environ.get("BPR_JSON_READERS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"BPR_JSON_READERS={env!r}: expected a whole number of reader processes, 1 or more")
+            raise InputError(f"BPR_JSON_READERS={env!r}: expected a whole number of reader processes, 1 or more")
         return int(env)
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 

@@ -131,7 +131,7 @@ def test_reader_count_from_the_environment(monkeypatch):
     assert results_parallel.default_workers() == 3
     for bad in ("0", "two", "-1"):
         monkeypatch.setenv("BPR_JSON_READERS", bad)
-        with pytest.raises(ValueError, match="BPR_JSON_READERS"):
+        with pytest.raises(InputError, match="BPR_JSON_READERS"):
             results_parallel.default_workers()
     monkeypatch.delenv("BPR_JSON_READERS")
     assert 1 <= results_parallel.default_workers() <= results_parallel.MAX_WORKERS
