@@ -206,8 +206,22 @@ def train_loop_per_worker(config: dict) -> None:
                 return
 
 
+def _written_whole(loc: storage.Location) -> bool:
+    """A state file copied whole: torch.save writes a zip, which ends with its central directory; a
+    copy cut short (Ray Train persists a checkpoint file by file, and a kill can land mid-copy) does not."""
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            size = f.size()
+            f.seek(max(0, size - (1 << 16) - 22))  # the end record (22 bytes) and its comment (< 64 KB)
+            return b"PK\x05\x06" in f.read()
+    except OSError:
+        return False
+
+
 def find_checkpoints(run_root: storage.Location) -> list[tuple[int, storage.Location, dict]]:
-    """All checkpoints written under OUT/ray, as (step, directory, metrics), by step."""
+    """All checkpoints written whole under OUT/ray, as (step, directory, metrics), by step: one
+    whose metrics do not parse or whose state file is missing or cut short (a kill during its copy)
+    is left out, so --resume takes the last complete one."""
     found = []
     for f in storage.list_files(run_root, "metrics.json"):
         d = f.path.rsplit("/", 1)[0]
@@ -216,7 +230,7 @@ def find_checkpoints(run_root: storage.Location) -> list[tuple[int, storage.Loca
             m = json.loads(storage.read_bytes(f))
         except ValueError:
             continue
-        if storage.exists(loc.join(STATE_FILE)):
+        if _written_whole(loc.join(STATE_FILE)):
             found.append((int(m["step"]), loc, m))
     return sorted(found, key=lambda t: t[0])
 

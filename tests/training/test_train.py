@@ -31,8 +31,12 @@ def _train(args, env_extra=None, wait=True, timeout=400):
 
 
 def _steps(out: Path) -> list[dict]:
-    ms = [json.loads(p.read_text()) for p in (out / "ray").rglob("metrics.json")]
-    return sorted(ms, key=lambda m: m["step"])
+    """The metrics of the checkpoints written whole so far, by step: what the job itself reads back
+    (`find_checkpoints`: --resume starts from the last one; one a kill cut mid-copy is left out)."""
+    from pipeline import storage
+    from pipeline.train_job import find_checkpoints
+
+    return [m for _, _, m in find_checkpoints(storage.resolve(str(out / "ray")))]
 
 
 def test_kill_and_resume_continues_step_and_schedule(tiny_sets, tmp_path):
@@ -48,7 +52,7 @@ def test_kill_and_resume_continues_step_and_schedule(tiny_sets, tmp_path):
             time.sleep(0.3)
     finally:
         kill_tree(proc, temp + "a")
-    killed_at = max(m["step"] for m in _steps(out))
+    killed_at = max(m["step"] for m in _steps(out))  # the last one written whole: where --resume starts
     assert 20 <= killed_at < 40 and not (out / "model.pt").exists()
     rc, log = _train(args + ["--resume"], {"BPR_RAY_TEMP_DIR": temp + "b"})
     assert rc == 0, log
@@ -155,3 +159,23 @@ def test_init_config_is_the_checkpoints_geometry_without_its_rules():
     assert path == str(DEFAULT_WEIGHTS)
     assert all(getattr(cfg, k) == getattr(own, k) for k in CHECKPOINT_OWNED)
     assert (cfg.min_area, cfg.gate_margin, cfg.min_keep_iou, cfg.tta_flip) == (0, 0.0, 0.0, False)
+
+
+def test_a_checkpoint_cut_mid_copy_is_not_resumed_from(tmp_path):
+    """Ray Train persists a checkpoint file by file: a kill can leave metrics.json whole and the
+    state file cut short, or the reverse. --resume takes the last checkpoint written whole."""
+    import torch
+
+    from pipeline import storage
+    from pipeline.train_job import STATE_FILE, find_checkpoints
+
+    root = tmp_path / "ray"
+    for step in (10, 20, 30, 40):
+        d = root / f"checkpoint_{step}"
+        d.mkdir(parents=True)
+        torch.save({"step": step, "model": {"w": torch.zeros(64, 64)}}, d / STATE_FILE)
+        (d / "metrics.json").write_text(json.dumps({"step": step, "patch_iou": 0.5}))
+    whole = (root / "checkpoint_30" / STATE_FILE).read_bytes()
+    (root / "checkpoint_30" / STATE_FILE).write_bytes(whole[: len(whole) // 2])  # the state cut short
+    (root / "checkpoint_40" / "metrics.json").write_text('{"step": 4')  # the metrics cut short
+    assert [step for step, _, _ in find_checkpoints(storage.resolve(str(root)))] == [10, 20]
