@@ -247,10 +247,10 @@ def _readers(opts) -> int:
     from bpr_core import results_parallel
     from pipeline import storage
 
-    loc = storage.resolve(opts.coarse)
-    if not loc.path.lower().endswith(".json") or results_parallel.default_workers() < 2:
+    loc, workers = storage.resolve(opts.coarse), results_parallel.default_workers()
+    if not loc.path.lower().endswith(".json") or workers < 2:
         return 0
-    return results_parallel.default_workers() if results_parallel.plan(results_parallel.FileOpener(loc.fs, loc.path)) else 0
+    return workers if results_parallel.plan(results_parallel.FileOpener(loc.fs, loc.path)) else 0
 
 
 def memory_split(points: list[dict], same_images: dict) -> dict:

@@ -207,15 +207,17 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _written_whole(loc: storage.Location) -> bool:
-    """A state file copied whole: torch.save writes a zip, which ends with its central directory; a
-    copy cut short (Ray Train persists a checkpoint file by file, and a kill can land mid-copy) does not."""
+    """A state file copied whole: torch.save writes a zip whose last 22 bytes are its end record (it
+    writes no archive comment); a copy cut short (Ray Train persists a checkpoint file by file, and
+    a kill can land mid-copy) does not end with one."""
     try:
         with loc.fs.open_input_file(loc.path) as f:
             size = f.size()
-            f.seek(max(0, size - (1 << 16) - 22))  # the end record (22 bytes) and its comment (< 64 KB)
-            return b"PK\x05\x06" in f.read()
+            f.seek(max(0, size - 22))
+            tail = f.read()
     except OSError:
         return False
+    return len(tail) == 22 and tail.startswith(b"PK\x05\x06") and tail.endswith(b"\x00\x00")  # comment length 0
 
 
 def find_checkpoints(run_root: storage.Location) -> list[tuple[int, storage.Location, dict]]:
